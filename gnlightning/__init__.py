@@ -1,0 +1,38 @@
+"""gnlightning: normalization layers for training with 1-4 images per device.
+
+``convert_norms`` and the layers need only PyTorch; the Lightning pieces (``NormSwap``, ``PreciseBN``,
+``NormAdvisor``, ``SyncBatchNormPlugin``) are imported on first use, so a user of ``convert_norms`` on a plain
+nn.Module never imports Lightning.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from gnlightning.convert import convert_norms, describe_norms, revert_sync_batchnorm
+from gnlightning.layers import FrozenBatchNorm2d, SyncBatchNorm, WSConv2d
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "NormSwap": "gnlightning.lightning.norm_swap",
+    "PreciseBN": "gnlightning.lightning.precise_bn",
+    "NormAdvisor": "gnlightning.lightning.norm_advisor",
+    "SyncBatchNormPlugin": "gnlightning.lightning.layer_sync",
+}
+
+__all__ = [
+    "convert_norms", "describe_norms", "revert_sync_batchnorm", "FrozenBatchNorm2d", "SyncBatchNorm", "WSConv2d",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'gnlightning' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,520 @@
+"""Module surgery: swap the normalization layers of any model for another member of the family.
+
+``convert_norms`` works in two phases. It first *plans* every replacement (building each new layer next to the old
+one, resolving group counts, checking patterns) without touching the model, then *applies* them with plain
+attribute assignments. So an error (an impossible group count under ``strict=True``, a bad option) leaves the model
+exactly as it was, never half converted.
+
+New layers take over the old layers' parameter and buffer tensors wherever the target keeps them (BN <-> SyncBN,
+BN -> GN affine, Conv2d -> WSConv2d): state-dict keys stay the same, pretrained values carry over, and round trips
+such as bn -> syncbn -> bn are exact to the bit.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import sys
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+import torchvision
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from gnlightning.layers.batchnorm_xd import BatchNormXd
+from gnlightning.layers.create_norm import create_norm, resolve_norm_name
+from gnlightning.layers.frozen_bn import FrozenBatchNorm2d
+from gnlightning.layers.group_norm import resolve_num_groups
+from gnlightning.layers.norm_act import SyncBatchNormAct
+from gnlightning.layers.sync_batchnorm import SyncBatchNorm
+from gnlightning.layers.ws_conv import WSConv2d
+
+__all__ = ["convert_norms", "revert_sync_batchnorm", "describe_norms", "NormRow", "NormTable", "ConversionReport"]
+
+log = logging.getLogger("gnlightning")
+
+# BatchNorm classes whose constructor is the standard one, so a reverted layer can be rebuilt as exactly that class.
+_PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, BatchNormXd)
+_SYNC_BN = (nn.SyncBatchNorm, SyncBatchNorm)
+
+
+def _timm_layers():
+    """timm's layers module if timm is already imported (a model holding timm layers has imported it), else None.
+
+    Checking ``sys.modules`` keeps ``convert_norms`` from importing timm (slow, optional) for models that cannot
+    contain its layers."""
+    if "timm" not in sys.modules:
+        return None
+    import timm.layers
+
+    return timm.layers
+
+
+def _frozen_types() -> tuple[type, ...]:
+    types: tuple[type, ...] = (torchvision.ops.FrozenBatchNorm2d,)
+    timm_layers = _timm_layers()
+    if timm_layers is not None:
+        # timm freezes with torchvision's class, except for its fused FrozenBatchNormAct2d
+        types += tuple(getattr(timm_layers, name) for name in ("FrozenBatchNormAct2d",) if hasattr(timm_layers, name))
+    return types
+
+
+def _ws_types() -> tuple[type, ...]:
+    """Convolutions that already standardize their weights."""
+    types: tuple[type, ...] = (WSConv2d,)
+    timm_layers = _timm_layers()
+    if timm_layers is not None:
+        types += (timm_layers.StdConv2d, timm_layers.ScaledStdConv2d)
+    return types
+
+
+def norm_kind(module: nn.Module) -> str | None:
+    """``"bn"``, ``"frozen_bn"`` or ``"gn"`` for a layer convert_norms can replace, else None.
+
+    LayerNorm over the channel axis of each position (transformers, ConvNeXt's LayerNorm2d) is not the GN
+    paper's LN (one group over C, H, W) and is left alone."""
+    if isinstance(module, _BatchNorm):
+        return "bn"
+    if isinstance(module, _frozen_types()):
+        return "frozen_bn"
+    if isinstance(module, nn.GroupNorm):
+        return "gn"
+    return None
+
+
+def _has_act(module: nn.Module) -> bool:
+    """timm's fused norm+act layers carry their activation and dropout as ``act`` and ``drop`` children."""
+    return isinstance(getattr(module, "act", None), nn.Module) and isinstance(getattr(module, "drop", None), nn.Module)
+
+
+@dataclass
+class _Source:
+    """What a target layer needs to know about the layer it replaces."""
+
+    name: str
+    module: nn.Module
+    kind: str
+    channels: int
+    eps: float
+    affine: bool
+    momentum: float | None
+    track_running_stats: bool
+    bn_class: type[nn.Module] | None
+    groups: int | None
+
+    @classmethod
+    def read(cls, name: str, module: nn.Module, kind: str) -> "_Source":
+        if kind == "gn":
+            return cls(name, module, kind, module.num_channels, module.eps, module.affine, 0.1, True, None,
+                       module.num_groups)
+        if kind == "frozen_bn":
+            return cls(name, module, kind, module.weight.shape[0], module.eps, True,
+                       getattr(module, "_source_momentum", 0.1), True, getattr(module, "_source_class", None), None)
+        if type(module) in _PLAIN_BN:
+            bn_class = type(module)
+        else:
+            bn_class = getattr(module, "_source_class", None)
+        return cls(name, module, kind, module.num_features, module.eps, module.affine, module.momentum,
+                   module.track_running_stats, bn_class, None)
+
+    @property
+    def tensor(self) -> torch.Tensor | None:
+        """A tensor of the layer, to build the new one on the same device with the same dtype."""
+        for tensor in (*self.module.parameters(recurse=False), *self.module.buffers(recurse=False)):
+            if tensor.is_floating_point():
+                return tensor
+        return None
+
+
+@dataclass
+class ConversionReport:
+    """What one ``convert_norms`` call did; ``str(report)`` is the one-line summary it logs."""
+
+    norm: str
+    converted: Counter = field(default_factory=Counter)  # (source type, target type) -> count
+    unchanged: int = 0
+    wrapped: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (layer name, reason)
+
+    def __str__(self) -> str:
+        parts = [f"converted {n} {src} -> {dst}" for (src, dst), n in self.converted.items()] or ["converted nothing"]
+        if self.unchanged:
+            parts.append(f"kept {self.unchanged} already {self.norm}")
+        if self.wrapped:
+            parts.append(f"wrapped {self.wrapped} Conv2d with WS")
+        if self.skipped:
+            shown = ", ".join(f"{name or '<root>'} ({reason})" for name, reason in self.skipped[:5])
+            more = f", and {len(self.skipped) - 5} more" if len(self.skipped) > 5 else ""
+            parts.append(f"skipped {len(self.skipped)}: {shown}{more}")
+        return ", ".join(parts)
+
+
+def _matches(name: str, patterns: Sequence[str]) -> list[str]:
+    """Patterns matching ``name`` or one of its ancestors (so ``"backbone"`` covers ``"backbone.layer1.0.bn1"``)."""
+    parts = name.split(".") if name else [""]
+    prefixes = {".".join(parts[: i + 1]) for i in range(len(parts))}
+    return [p for p in patterns if any(fnmatch.fnmatchcase(prefix, p) for prefix in prefixes)]
+
+
+def _as_patterns(value: str | Iterable[str] | None, option: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    patterns = list(value)
+    if not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"{option} must be a module-name glob or a list of them, got {value!r}")
+    return patterns
+
+
+class _Scope:
+    """include / exclude filtering by module name, remembering which patterns ever matched."""
+
+    def __init__(self, include, exclude) -> None:
+        self.include = _as_patterns(include, "include")
+        self.exclude = _as_patterns(exclude, "exclude")
+        self.used: set[str] = set()
+
+    def why_not(self, name: str) -> str | None:
+        hits = _matches(name, self.include)
+        self.used.update(hits)
+        if self.include and not hits:
+            return "not included"
+        hits = _matches(name, self.exclude)
+        self.used.update(hits)
+        return "excluded" if hits else None
+
+    def warn_unused(self) -> None:
+        for option, patterns in (("include", self.include), ("exclude", self.exclude)):
+            for pattern in patterns:
+                if pattern not in self.used:
+                    warnings.warn(
+                        f"convert_norms: {option} pattern {pattern!r} matched no norm layer or convolution; "
+                        "patterns are globs over module names as printed by describe_norms(model), "
+                        "e.g. 'backbone.*' or 'roi_heads'",
+                        stacklevel=3,
+                    )
+
+
+def _is_target(source: _Source, norm: str, groups: int | None) -> bool:
+    module = source.module
+    if norm == "bn":
+        return source.kind == "bn" and not isinstance(module, _SYNC_BN)
+    if norm == "syncbn":
+        return isinstance(module, SyncBatchNorm)
+    if norm == "frozen_bn":
+        return source.kind == "frozen_bn"
+    return source.kind == "gn" and source.groups == groups
+
+
+def _target_groups(source: _Source, norm: str, options: dict) -> int | None:
+    if norm in ("bn", "syncbn", "frozen_bn"):
+        return None
+    if norm == "ln":
+        return 1
+    if norm == "in":
+        return source.channels
+    return resolve_num_groups(source.channels, options["num_groups"], options["group_size"],
+                              strict=options["strict"], layer_name=source.name)
+
+
+def _build(source: _Source, norm: str, groups: int | None, options: dict) -> nn.Module:
+    """The layer that replaces ``source``: same channels, device, dtype, mode, affine values, statistics."""
+    old = source.module
+    reference = source.tensor
+    factory = {"device": None if reference is None else reference.device,
+               "dtype": None if reference is None else reference.dtype}
+    eps = options["eps"] if options["eps"] is not None else source.eps
+    fused = _has_act(old)
+    timm_layers = _timm_layers() if fused else None
+    if norm == "bn":
+        if fused:
+            new = timm_layers.BatchNormAct2d(source.channels, eps=eps, momentum=source.momentum, affine=source.affine,
+                                             track_running_stats=source.track_running_stats, apply_act=False,
+                                             **factory)
+        else:
+            new = create_norm("bn", source.channels, eps=eps, momentum=source.momentum, affine=source.affine,
+                              track_running_stats=source.track_running_stats,
+                              bn_class=source.bn_class or BatchNormXd, **factory)
+    elif norm == "syncbn":
+        cls = SyncBatchNormAct if fused else SyncBatchNorm
+        new = cls(source.channels, eps=eps, momentum=source.momentum, affine=source.affine,
+                  track_running_stats=source.track_running_stats, process_group=options["process_group"], **factory)
+        new._source_class = source.bn_class
+    elif norm == "frozen_bn":
+        if fused:
+            new = timm_layers.FrozenBatchNormAct2d(source.channels, eps=eps, apply_act=False, **factory)
+        else:
+            new = FrozenBatchNorm2d(source.channels, eps=eps, **factory)
+        new._source_class = source.bn_class
+        new._source_momentum = source.momentum
+    elif fused:
+        new = timm_layers.GroupNormAct(source.channels, num_groups=groups, eps=eps, affine=source.affine,
+                                       apply_act=False, **factory)
+    else:
+        new = nn.GroupNorm(groups, source.channels, eps=eps, affine=source.affine, **factory)
+    if fused:
+        new.act, new.drop = old.act, old.drop
+    _carry_state(old, new)
+    new.train(old.training)
+    return new
+
+
+_AFFINE = ("weight", "bias")
+_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _carry_state(old: nn.Module, new: nn.Module) -> None:
+    """Move affine values and running statistics from ``old`` to ``new``.
+
+    Trainable -> trainable hands over the Parameter objects themselves (keeping requires_grad and any optimizer
+    reference); frozen <-> trainable copies values between buffers and fresh Parameters."""
+    with torch.no_grad():
+        for name in _AFFINE:
+            value = getattr(old, name, None)
+            if value is None:
+                continue
+            if new._parameters.get(name) is not None:
+                if isinstance(value, nn.Parameter):
+                    setattr(new, name, value)
+                else:
+                    setattr(new, name, nn.Parameter(value.detach().clone().to(new._parameters[name])))
+            elif new._buffers.get(name) is not None:
+                new._buffers[name].copy_(value)
+        for name in _STATS:
+            value = getattr(old, name, None)
+            if isinstance(value, torch.Tensor) and new._buffers.get(name) is not None:
+                new._buffers[name] = value
+
+
+def _convert(
+    module: nn.Module,
+    norm: str,
+    *,
+    num_groups: int | None = 32,
+    group_size: int | None = None,
+    strict: bool = False,
+    ws: bool | str | None = None,
+    ws_eps: float = 1e-6,
+    eps: float | None = None,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+    process_group: torch.distributed.ProcessGroup | None = None,
+    only: tuple[type, ...] | None = None,
+) -> tuple[nn.Module, ConversionReport]:
+    norm = resolve_norm_name(norm)
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"convert_norms expects an nn.Module, got {type(module).__name__}")
+    if ws is None:
+        ws = "auto" if norm == "gn_ws" else False
+    if ws not in (True, False, "auto"):
+        raise ValueError(f"ws must be 'auto', True or False, got {ws!r}")
+    if norm == "syncbn" and group_size is not None:
+        if process_group is not None:
+            raise ValueError("pass either process_group or group_size for syncbn, not both")
+        from gnlightning.distributed import is_distributed, new_consecutive_groups
+
+        if not is_distributed():
+            raise ValueError(
+                f"syncbn with group_size={group_size} needs an initialised torch.distributed process group; convert "
+                "inside each training process (SyncBatchNormPlugin(group_size=...) does this under Lightning DDP)"
+            )
+        process_group, group_size = new_consecutive_groups(group_size), None
+    target = "gn" if norm == "gn_ws" else norm
+    options = {"num_groups": num_groups, "group_size": group_size, "strict": strict, "eps": eps,
+               "process_group": process_group}
+    report = ConversionReport(norm)
+    scope = _Scope(include, exclude)
+
+    # Phase 1: plan. Nothing below mutates `module`.
+    replacements: dict[str, nn.Module] = {}
+    resync: list[SyncBatchNorm] = []
+    ws_candidates: list[tuple[str, nn.Module]] = []
+    order: list[tuple[str, nn.Module]] = []
+    last_norm: str | None = None
+    for name, child in module.named_modules():
+        if last_norm is not None and (last_norm == "" or name.startswith(last_norm + ".")):
+            continue  # the act / drop children of a fused norm layer
+        order.append((name, child))
+        kind = norm_kind(child)
+        if kind is None:
+            continue
+        last_norm = name
+        if only is not None and not isinstance(child, only):
+            continue
+        reason = scope.why_not(name)
+        if reason is None and target == "frozen_bn":
+            if isinstance(child, (nn.BatchNorm1d, nn.BatchNorm3d)):
+                reason = "frozen_bn is 2D only"
+            elif getattr(child, "running_mean", None) is None:
+                reason = "no running statistics to freeze"
+        if reason is not None:
+            report.skipped.append((name, reason))
+            continue
+        source = _Source.read(name, child, kind)
+        previous = order[-2][1] if len(order) > 1 else None
+        if isinstance(previous, nn.Conv2d) and previous.out_channels == source.channels:
+            ws_candidates.append(order[-2])
+        groups = _target_groups(source, target, options)
+        if _is_target(source, target, groups):
+            report.unchanged += 1
+            if target == "syncbn" and process_group is not None:
+                resync.append(child)
+            continue
+        new = _build(source, target, groups, options)
+        replacements[name] = new
+        report.converted[(type(child).__name__, type(new).__name__)] += 1
+
+    conv_names: list[str] = []
+    if ws:
+        pool = ws_candidates if ws == "auto" else [(n, m) for n, m in module.named_modules()
+                                                   if isinstance(m, nn.Conv2d)]
+        already, ws_types = 0, _ws_types()
+        for name, conv in pool:
+            if isinstance(conv, ws_types) or scope.why_not(name) is not None:
+                already += isinstance(conv, ws_types)
+                continue
+            if type(conv) is not nn.Conv2d:  # e.g. timm's Conv2dSame: its forward would be lost
+                report.skipped.append((name, f"{type(conv).__name__} is not a plain Conv2d"))
+                continue
+            replacements[name] = WSConv2d.from_conv(conv, eps=ws_eps)
+            conv_names.append(name)
+        if not conv_names and not already:
+            warnings.warn(
+                f"convert_norms({norm!r}, ws={ws!r}): no plain nn.Conv2d to wrap with Weight Standardization "
+                "(ws='auto' wraps a Conv2d registered right before a converted norm layer with matching channels); "
+                "pass ws=True to wrap every Conv2d in scope, or ws=False for no WS",
+                stacklevel=3,
+            )
+        report.wrapped = len(conv_names)
+
+    if last_norm is None:
+        warnings.warn(
+            f"convert_norms({norm!r}): {type(module).__name__} has no BatchNorm, SyncBatchNorm, FrozenBatchNorm2d or "
+            "GroupNorm layer; returning it unchanged",
+            stacklevel=3,
+        )
+    scope.warn_unused()
+
+    # Phase 2: apply. Plain attribute assignments; nothing here can fail half way.
+    for layer in resync:
+        layer.process_group = process_group
+    for name, new in replacements.items():
+        if name == "":
+            module = new
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        setattr(module.get_submodule(parent_name), attr, new)
+    return module, report
+
+
+def convert_norms(
+    module: nn.Module,
+    norm: str,
+    *,
+    num_groups: int | None = 32,
+    group_size: int | None = None,
+    strict: bool = False,
+    ws: bool | str | None = None,
+    ws_eps: float = 1e-6,
+    eps: float | None = None,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+    process_group: torch.distributed.ProcessGroup | None = None,
+) -> nn.Module:
+    """Replace every normalization layer of ``module`` by ``norm`` and return the (possibly new) root.
+
+    Args:
+        module: any nn.Module; it is modified in place, except when the root itself is a norm layer, so always use
+            the returned module.
+        norm: one of ``bn, syncbn, gn, gn_ws, frozen_bn, ln, in`` (case-insensitive; ``GN+WS``, ``SyncBN``,
+            ``FrozenBN`` ... accepted).
+        num_groups: groups per GroupNorm for ``gn`` / ``gn_ws`` (default 32, as in the GN paper).
+        group_size: for ``gn`` / ``gn_ws``, channels per group instead of ``num_groups``; for ``syncbn``, the
+            number of consecutive ranks that share statistics (needs an initialised process group).
+        strict: raise instead of picking the nearest divisor when the group request does not divide a layer.
+        ws: Weight Standardization on the convolutions: ``"auto"`` (default for ``gn_ws``) wraps each plain Conv2d
+            registered right before a converted norm layer with matching channels, ``True`` every Conv2d in scope,
+            ``False`` (default otherwise) none.
+        ws_eps: eps inside WS's square root.
+        eps: eps of the new norm layers (default: keep each old layer's eps).
+        include, exclude: module-name globs limiting the conversion (a pattern matching a module covers all of its
+            descendants); a pattern that matches nothing warns.
+        process_group: for ``syncbn``, the group to synchronise within (default: the whole world).
+
+    Recognised source layers: BatchNorm1d/2d/3d, torch and gnlightning SyncBatchNorm, torchvision and timm
+    FrozenBatchNorm2d, GroupNorm, and timm's fused norm+act layers (whose activation and dropout are kept).
+    Affine values, running statistics, device, dtype, requires_grad, train/eval mode and module names are kept.
+    """
+    converted, report = _convert(
+        module, norm, num_groups=num_groups, group_size=group_size, strict=strict, ws=ws, ws_eps=ws_eps, eps=eps,
+        include=include, exclude=exclude, process_group=process_group,
+    )
+    log.info("convert_norms(%s): %s", report.norm, report)
+    return converted
+
+
+def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Turn every SyncBatchNorm (gnlightning's or torch's) back into a plain BatchNorm and return the root.
+
+    The original class (BatchNorm1d/2d/3d) is restored when the layer came from ``convert_norms``; otherwise a
+    rank-agnostic ``BatchNormXd`` is used. Values, training mode and names are kept exactly."""
+    if not any(isinstance(m, _SYNC_BN) for m in module.modules()):
+        return module
+    converted, report = _convert(module, "bn", only=_SYNC_BN)
+    log.debug("revert_sync_batchnorm: %s", report)
+    return converted
+
+
+@dataclass(frozen=True)
+class NormRow:
+    """One normalization layer or weight-standardized convolution of a model."""
+
+    name: str
+    type: str
+    channels: int
+    groups: int | None
+    eps: float
+    frozen: bool
+    ws: bool = False
+
+
+class NormTable(list):
+    """``describe_norms`` rows; ``str(table)`` is an aligned text table with a one-line count underneath."""
+
+    _columns = ("name", "type", "channels", "groups", "eps", "frozen")
+
+    def __str__(self) -> str:
+        cells = [self._columns] + [
+            (row.name or "<root>", row.type, str(row.channels), "-" if row.groups is None else str(row.groups),
+             f"{row.eps:g}", "yes" if row.frozen else "no")
+            for row in self
+        ]
+        widths = [max(len(line[i]) for line in cells) for i in range(len(self._columns))]
+        lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in cells]
+        counts = Counter(row.type for row in self)
+        lines.append(", ".join(f"{n} {kind}" for kind, n in counts.items()) or "no normalization layers")
+        return "\n".join(lines)
+
+
+def describe_norms(module: nn.Module) -> NormTable:
+    """One row per normalization layer and weight-standardized convolution, in module order."""
+    rows = NormTable()
+    ws_types = _ws_types()
+    for name, child in module.named_modules():
+        if isinstance(child, ws_types):
+            rows.append(NormRow(name, type(child).__name__, child.out_channels, None, child.eps,
+                                frozen=not child.weight.requires_grad, ws=True))
+            continue
+        kind = norm_kind(child)
+        if kind is None:
+            continue
+        source = _Source.read(name, child, kind)
+        rows.append(NormRow(name, type(child).__name__, source.channels, source.groups, source.eps,
+                            frozen=kind == "frozen_bn"))
+    return rows
+

@@ -1,0 +1,46 @@
+"""FrozenBatchNorm2d: a fixed affine map built from stored BatchNorm statistics.
+
+Detection models fine-tune ImageNet backbones at 1-2 images per GPU, where batch statistics are noise; the
+common answer (Detectron, torchvision's detection builders) is to freeze BN into ``y = x * scale + shift``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torchvision
+
+__all__ = ["FrozenBatchNorm2d"]
+
+
+class FrozenBatchNorm2d(torchvision.ops.FrozenBatchNorm2d):
+    """torchvision's FrozenBatchNorm2d (no parameters, never updated, same output in train and eval), plus a
+    ``num_batches_tracked`` buffer.
+
+    Why the subclass: with that buffer its state-dict keys are exactly those of ``nn.BatchNorm2d``, so a model
+    converted ``bn -> frozen_bn`` saves and loads the same checkpoints as before, and the round trip
+    ``bn -> frozen_bn -> bn`` keeps every value. Checkpoints written by torchvision's class (no such key) still
+    load: the missing counter keeps its current value.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, device=None, dtype=None) -> None:
+        super().__init__(num_features, eps)
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
+        # Filled by convert_norms so that reverting restores the exact original layer.
+        self._source_class: type | None = None
+        self._source_momentum: float | None = 0.1
+
+    @property
+    def num_features(self) -> int:
+        return self.weight.shape[0]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "num_batches_tracked"
+        if key not in state_dict:
+            state_dict[key] = self.num_batches_tracked.clone()
+        # Skip torchvision's override (it drops the counter); load every buffer as nn.Module does.
+        torch.nn.Module._load_from_state_dict(
+            self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
