@@ -1,0 +1,45 @@
+"""SyncBatchNormPlugin: Lightning's LayerSync hook, with gnlightning's SyncBatchNorm."""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from gnlightning.convert import _convert, revert_sync_batchnorm
+from gnlightning.lightning.compat import bases
+
+__all__ = ["SyncBatchNormPlugin"]
+
+
+class SyncBatchNormPlugin(*bases("plugins.layer_sync.LayerSync")):
+    """Synchronise every BatchNorm across processes during ``fit``, on CPU (gloo) and GPU (NCCL) alike.
+
+    Lightning's built-in ``sync_batchnorm=True`` uses ``torch.nn.SyncBatchNorm``, which refuses CPU tensors; this
+    plugin uses ``gnlightning.SyncBatchNorm`` instead. Write it as::
+
+        Trainer(strategy="ddp", plugins=[SyncBatchNormPlugin()])
+
+    and leave ``sync_batchnorm`` at its default ``False``: Lightning rejects ``sync_batchnorm=True`` together with
+    any other LayerSync plugin. Lightning calls :meth:`apply` inside each process after the process group exists,
+    before DDP wraps the model and before ``configure_optimizers`` (parameters are handed over, not copied), and
+    :meth:`revert` when fit ends. On a single device Lightning calls neither and BatchNorm stays as it is.
+
+    Only BatchNorm layers are synchronised: frozen BN and GroupNorm layers have nothing to share.
+
+    Args:
+        group_size: synchronise within consecutive blocks of this many ranks instead of the whole world
+            (e.g. the GPUs of one node); ``None`` for all ranks.
+    """
+
+    def __init__(self, group_size: int | None = None) -> None:
+        self.group_size = group_size
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        converted, _ = _convert(model, "syncbn", group_size=self.group_size, only=(_BatchNorm,))
+        return converted
+
+    def revert(self, model: nn.Module) -> nn.Module:
+        return revert_sync_batchnorm(model)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(group_size={self.group_size})"

@@ -1,0 +1,36 @@
+"""SyncBatchNormPlugin under a real Lightning DDP fit: 2 CPU processes, gloo, both Lightning namespaces."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from tests.scripts.fit_syncbn import dataset
+
+SCRIPT = Path(__file__).parent / "scripts" / "fit_syncbn.py"
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("namespace", ["lightning.pytorch", "pytorch_lightning"])
+def test_fit_with_plugin_synchronises_running_statistics(namespace, tmp_path):
+    pytest.importorskip(namespace)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GNL_LIGHTNING": namespace}
+    subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], check=True, env=env, timeout=300, cwd=tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for result in ranks:
+        assert result["types"] == ["SyncBatchNorm"] * 3  # 12 images, 2 ranks, batch 2: 3 steps each
+
+    # Reference: one BatchNorm fed, at each step, the global batch (both ranks' images of that step).
+    images = dataset().tensors[0]
+    reference = nn.BatchNorm2d(3)
+    for step in range(3):
+        reference(images[ranks[0]["indices"][step] + ranks[1]["indices"][step]])
+    assert sorted(sum(ranks[0]["indices"] + ranks[1]["indices"], [])) == list(range(12))
+    for result in ranks:
+        torch.testing.assert_close(result["running_mean"], reference.running_mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(result["running_var"], reference.running_var, rtol=1e-5, atol=1e-5)
+        assert result["num_batches_tracked"].item() == 3
