@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from gnlightning import SyncBatchNorm, SyncBatchNormPlugin
+from gnlightning import NormSwap, SyncBatchNorm, SyncBatchNormPlugin
 
 L = importlib.import_module(os.environ.get("GNL_LIGHTNING", "lightning.pytorch"))
 
@@ -27,14 +27,15 @@ class Model(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1))
+        self.head = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))  # NormSwap makes this GroupNorm
         self.seen_types: list[str] = []
         self.seen_indices: list[list[int]] = []
 
     def training_step(self, batch, batch_idx):
-        self.seen_types.append(type(self.net[0]).__name__)
+        self.seen_types.append((type(self.net[0]).__name__, type(self.head[1]).__name__))
         images, targets, indices = batch
         self.seen_indices.append(indices.tolist())
-        return nn.functional.mse_loss(self.net(images), targets)
+        return nn.functional.mse_loss(self.head(self.net(images)), targets)
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -51,6 +52,7 @@ class Model(L.LightningModule):
 
 if __name__ == "__main__":
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", plugins=[SyncBatchNormPlugin()], max_epochs=1,
+                        callbacks=[NormSwap("gn", module="head", num_groups=2)],
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
     model = Model()
