@@ -14,6 +14,7 @@ This module must stay free of Lightning and Hydra imports: ``gnlightning.layers`
 
 from __future__ import annotations
 
+import operator
 import os
 import time
 from typing import Any
@@ -70,10 +71,11 @@ def all_reduce_sum(tensor: torch.Tensor, group: ProcessGroup | None = None) -> t
     deadlocks the others.
 
     CPU tensors are waited for by polling with ``sched_yield`` instead of blocking. SyncBN issues two tiny
-    collectives per layer and step, so their latency, not their bandwidth, is what it costs; a blocking wait adds a
-    thread wake-up hand-off to each (measured 0.3-3 ms per all_reduce with gloo on a 2-vCPU VM, ~15-20% of a small
-    conv net's step), while yielding keeps the waiting core available to gloo's own threads and to other work.
-    Accelerator tensors keep the ordinary call: there the wait only orders streams and does not block the host.
+    collectives per layer and step, so their latency, not their bandwidth, is what it costs, and a blocking wait
+    adds thread wake-up hand-offs to each (gloo on a 2-vCPU VM: 0.3-3 ms per all_reduce). Yielding keeps the
+    waiting core available to gloo's own threads and to other work; it cut the SyncBN step of
+    ``scripts/bench_syncbn.py`` by 3-23% (typically ~12%) against a blocking wait. Accelerator tensors keep the
+    ordinary call: there the wait only orders streams and does not block the host.
     """
     if group_world_size(group) <= 1:
         return tensor
@@ -114,12 +116,18 @@ def new_consecutive_groups(group_size: int) -> ProcessGroup | None:
     """
     world_size = group_world_size()
     valid = [size for size in range(1, world_size + 1) if world_size % size == 0]
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size not in valid:
+    try:
+        # operator.index accepts numpy / OmegaConf integers from configs, but not floats or strings.
+        size = operator.index(group_size) if not isinstance(group_size, bool) else None
+    except TypeError:
+        size = None
+    if size not in valid:
         where = "" if is_distributed() else " (torch.distributed is not initialized, so the world is this process)"
         raise ValueError(
             f"group_size={group_size!r} must be a positive divisor of the world size {world_size}{where}; "
             f"valid choices: {valid}"
         )
+    group_size = size
     if not is_distributed():
         return None
     if group_size == world_size:

@@ -137,11 +137,29 @@ def _two_layer_calls() -> tuple[int, int]:
     return forward_calls, counter.calls - before - forward_calls
 
 
+def _eval_calls_and_exactness() -> tuple[int, bool]:
+    """Eval mode uses running statistics: no collective, and exactly nn.BatchNorm2d's output."""
+    counter = dist.all_reduce
+    layer, reference = SyncBatchNorm(CHANNELS), nn.BatchNorm2d(CHANNELS)
+    with torch.no_grad():
+        for module in (layer, reference):
+            module.running_mean.fill_(0.5)
+            module.running_var.fill_(2.0)
+    layer.eval()
+    reference.eval()
+    x = torch.randn(3, CHANNELS, 4, 4, requires_grad=True)
+    before = counter.calls
+    out = layer(x)
+    out.sum().backward()
+    return counter.calls - before, torch.equal(out, reference(x))
+
+
 def _two_rank_worker(rank: int, world_size: int) -> dict[str, Any]:
     counter = _CollectiveCounter()
     dist.all_reduce = counter  # type: ignore[assignment]  # only inside this spawned process
     results: dict[str, Any] = {name: _run_case(rank, index, counter) for index, name in enumerate(CASE_NAMES)}
     results["two_layer_calls"] = _two_layer_calls()
+    results["eval"] = _eval_calls_and_exactness()
     return results
 
 
@@ -256,6 +274,12 @@ def test_one_collective_per_pass(name: str, two_rank_results: list[dict[str, Any
 def test_collectives_scale_with_layers_not_tensors(two_rank_results: list[dict[str, Any]]) -> None:
     for results in two_rank_results:
         assert results["two_layer_calls"] == (2, 2)
+
+
+@pytest.mark.distributed
+def test_eval_mode_never_synchronizes(two_rank_results: list[dict[str, Any]]) -> None:
+    for results in two_rank_results:
+        assert results["eval"] == (0, True)
 
 
 @pytest.mark.distributed
@@ -394,6 +418,17 @@ def test_empty_batch_in_training_leaves_statistics_alone() -> None:
     assert torch.equal(layer.running_mean, torch.zeros(CHANNELS))
     assert torch.equal(layer.running_var, torch.ones(CHANNELS))
     assert torch.count_nonzero(layer.weight.grad) == 0 and torch.count_nonzero(layer.bias.grad) == 0
+
+
+def test_convert_sync_batchnorm_parity_with_torch() -> None:
+    # Same entry point as torch.nn.SyncBatchNorm.convert_sync_batchnorm; the surgery itself is convert_norms'.
+    model = nn.Sequential(nn.Conv2d(3, CHANNELS, 3), nn.BatchNorm2d(CHANNELS), nn.Sequential(nn.BatchNorm1d(4)))
+    with torch.no_grad():
+        model[1].running_mean.fill_(2.0)
+    converted = SyncBatchNorm.convert_sync_batchnorm(model)
+    assert type(converted[1]) is SyncBatchNorm and type(converted[2][0]) is SyncBatchNorm
+    assert torch.equal(converted[1].running_mean, torch.full((CHANNELS,), 2.0))
+    assert converted[1]._source_class is nn.BatchNorm2d
 
 
 def test_rejects_inputs_without_channel_dimension() -> None:

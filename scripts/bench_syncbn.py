@@ -1,0 +1,249 @@
+#!/usr/bin/env python
+"""Benchmark: DDP training-step time with gnlightning SyncBatchNorm vs plain nn.BatchNorm2d.
+
+Why: SyncBN is only worth offering for tiny per-device batches if synchronizing statistics is cheap next to the
+convolutions around it. Target: SyncBN step time <= 1.15x BN step time on the same model.
+
+What is measured: forward + backward + optimizer step of a small conv net (``--blocks`` x [conv3x3, norm, ReLU],
+global pooling, linear head) wrapped in DistributedDataParallel with the gloo backend, ``--world-size`` CPU
+processes with one intra-op thread each (each pinned to its own core unless ``--no-pin``), ``--batch`` images of
+``--size`` x ``--size`` per rank, for each width in ``--channels``. Both variants live in the same processes and are
+timed in interleaved rounds, so machine noise and frequency drift hit them alike; the table reports the median over
+rounds of the mean step time within a round.
+
+SyncBN's extra cost is two collectives per norm layer and step whose payload is tiny (2C+1 and 2C numbers), so it
+is set by collective *latency*, which the script measures and prints next to the table; the wider the convolutions,
+the smaller that fixed cost is relative to the step. A third, diagnostic row runs SyncBN's exact code path over a
+group of one rank ("same math, no collectives"), which splits SyncBN's overhead into the layer's own arithmetic and
+the collectives.
+
+torch.nn.SyncBatchNorm is not in the table: it refuses CPU tensors in training.
+
+Usage:  python scripts/bench_syncbn.py [--channels 32 64 --blocks 5 --batch 2 --size 64 --rounds 15 --steps 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import queue
+import socket
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from gnlightning.distributed import new_consecutive_groups
+from gnlightning.layers.sync_batchnorm import SyncBatchNorm, _SyncBatchNormFunction
+
+TARGET_RATIO = 1.15
+BASELINE = "nn.BatchNorm2d"
+SYNC = "gnlightning SyncBatchNorm"
+NO_COMM = "  same math, no collectives"
+
+
+class _SyncBatchNormWithoutCollectives(SyncBatchNorm):
+    """SyncBN's own training path (autograd Function, packing, global-statistics kernels) over a group of one rank.
+
+    Diagnostic only: the layer normally short-cuts a one-rank group to nn.BatchNorm, so this forces the synchronized
+    code path with nothing to synchronize. The gap to BN is the layer's arithmetic and Python overhead; the gap to
+    real SyncBN is the cost of its two collectives per step.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(input)
+        return _SyncBatchNormFunction.apply(
+            input, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked,
+            self.momentum, self.eps, self.process_group,
+        )
+
+
+NORMS: dict[str, Callable[[int], nn.Module]] = {
+    BASELINE: nn.BatchNorm2d,
+    SYNC: SyncBatchNorm,
+    NO_COMM: lambda channels: _SyncBatchNormWithoutCollectives(channels, process_group=new_consecutive_groups(1)),
+}
+
+
+def build_net(norm: Callable[[int], nn.Module], blocks: int, channels: int, num_classes: int = 10) -> nn.Sequential:
+    """Plain conv/norm/ReLU stack: the layer under test sits where it does in ResNet-style backbones."""
+    layers: list[nn.Module] = []
+    in_channels = 3
+    for _ in range(blocks):
+        layers += [nn.Conv2d(in_channels, channels, 3, padding=1, bias=False), norm(channels), nn.ReLU(inplace=True)]
+        in_channels = channels
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def _collective_latency(channels: int, repeats: int = 50) -> float:
+    """Median seconds of one all_reduce of a SyncBN-sized payload with all ranks arriving together."""
+    moments = torch.zeros(2 * channels + 1, dtype=torch.float64)
+    latencies = []
+    for _ in range(repeats):
+        dist.barrier()
+        start = time.perf_counter()
+        dist.all_reduce(moments)
+        latencies.append(time.perf_counter() - start)
+    return statistics.median(latencies)
+
+
+def _time_width(rank: int, channels: int, args: argparse.Namespace) -> tuple[dict[str, list[float]], float]:
+    models, optimizers = {}, {}
+    for name, norm in NORMS.items():
+        torch.manual_seed(0)
+        model = build_net(norm, args.blocks, channels)
+        if args.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        models[name] = nn.parallel.DistributedDataParallel(model)
+        optimizers[name] = torch.optim.SGD(models[name].parameters(), lr=0.01, momentum=0.9)
+
+    generator = torch.Generator().manual_seed(rank)
+    images = torch.randn(args.batch, 3, args.size, args.size, generator=generator)
+    if args.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 10, (args.batch,), generator=generator)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step(name: str) -> None:
+        optimizers[name].zero_grad(set_to_none=True)
+        loss_fn(models[name](images), labels).backward()
+        optimizers[name].step()
+
+    for name in NORMS:
+        for _ in range(args.warmup):
+            step(name)
+    latency = _collective_latency(channels)
+
+    times: dict[str, list[float]] = {name: [] for name in NORMS}
+    for round_index in range(args.rounds):
+        # Alternate the order so neither variant always runs right after the other.
+        order = list(NORMS) if round_index % 2 == 0 else list(reversed(NORMS))
+        for name in order:
+            dist.barrier()
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step(name)
+            times[name].append((time.perf_counter() - start) / args.steps)
+    return times, latency
+
+
+def _worker(rank: int, world_size: int, port: int, args: argparse.Namespace, results: "mp.Queue") -> None:
+    torch.set_num_threads(1)
+    if args.pin:
+        # One core per rank, set before the process group exists so that gloo's threads inherit it: a rank blocked
+        # in a collective then leaves its own core to its communication threads instead of their wake-ups landing
+        # on the core where another rank computes. Usual practice for CPU data parallelism (taskset / numactl per
+        # rank); it applies to both variants alike.
+        cores = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cores[rank % len(cores)]})
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        results.put((rank, {channels: _time_width(rank, channels, args) for channels in args.channels}))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--world-size", type=int, default=2)
+    parser.add_argument("--channels", type=int, nargs="+", default=[32, 64], help="conv widths to benchmark")
+    parser.add_argument("--blocks", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=2, help="images per rank")
+    parser.add_argument("--size", type=int, default=64, help="input height and width")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=10, help="steps per timed round")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin each rank to its own core")
+    args = parser.parse_args()
+    if args.pin and not hasattr(os, "sched_setaffinity"):
+        args.pin = False  # macOS / Windows: no affinity API
+
+    # Other processes on the machine distort latency-bound timings far more than compute-bound ones: record it.
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    processes = mp.start_processes(
+        _worker,
+        args=(args.world_size, _free_port(), args, results),
+        nprocs=args.world_size,
+        join=False,
+        start_method="spawn",
+    )
+    # Read before joining: a child cannot exit while its queued result is still in the pipe.
+    per_rank = {}
+    while len(per_rank) < args.world_size:
+        try:
+            rank, rank_results = results.get(timeout=1)
+            per_rank[rank] = rank_results
+        except queue.Empty:
+            processes.join(timeout=0)  # re-raises a worker's exception, with its traceback, if one died
+    while not processes.join():
+        pass
+    by_width = per_rank[0]  # DDP keeps ranks in lockstep; rank 0's clock is as good as any
+
+    print(f"machine: {_cpu_name()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}")
+    if load_before is not None:
+        load_after = os.getloadavg()
+        print(f"load average (1 min) before / after the run: {load_before[0]:.2f} / {load_after[0]:.2f}")
+    print(
+        f"torch {torch.__version__}, gloo, {args.world_size} processes x 1 thread (torch.set_num_threads(1)), "
+        f"{'each rank pinned to its own core' if args.pin else 'no pinning'}, python {platform.python_version()}"
+    )
+    print(
+        f"net: {args.blocks} x [conv3x3, norm, ReLU] + pool + linear; batch {args.batch}/rank, "
+        f"{args.size}x{args.size}, {'channels_last' if args.channels_last else 'NCHW'}; {args.warmup} warm-up steps, "
+        f"median of {args.rounds} interleaved rounds x {args.steps} steps"
+    )
+    print()
+    print("| width | norm | step time (ms, median) | min / max round (ms) | ratio vs BN |")
+    print("|---:|---|---:|---:|---:|")
+    verdicts = []
+    for channels, (times, latency) in by_width.items():
+        medians = {name: statistics.median(values) * 1e3 for name, values in times.items()}
+        for name, values in times.items():
+            low, high = min(values) * 1e3, max(values) * 1e3
+            print(
+                f"| {channels} | {name} | {medians[name]:.2f} | {low:.2f} / {high:.2f} | "
+                f"{medians[name] / medians[BASELINE]:.3f}x |"
+            )
+        ratio = medians[SYNC] / medians[BASELINE]
+        collectives = 2 * args.blocks
+        verdicts.append(
+            f"width {channels}: SyncBN / BN = {ratio:.3f}x, {'meets' if ratio <= TARGET_RATIO else 'MISSES'} the "
+            f"target <= {TARGET_RATIO}x; all_reduce latency ({2 * channels + 1} float64, idle, median) "
+            f"{latency * 1e6:.0f} us x {collectives} per step = {collectives * latency * 1e3:.1f} ms "
+            f"({collectives * latency * 1e3 / medians[BASELINE]:.1%} of the BN step)"
+        )
+    print()
+    print("\n".join(verdicts))
+
+
+if __name__ == "__main__":
+    main()
