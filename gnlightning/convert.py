@@ -13,12 +13,13 @@ such as bn -> syncbn -> bn are exact to the bit.
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import logging
 import sys
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import torchvision
@@ -291,21 +292,15 @@ def _carry_state(old: nn.Module, new: nn.Module) -> None:
                 new._buffers[name] = value
 
 
-def _convert(
-    module: nn.Module,
-    norm: str,
-    *,
-    num_groups: int | None = 32,
-    group_size: int | None = None,
-    strict: bool = False,
-    ws: bool | str | None = None,
-    ws_eps: float = 1e-6,
-    eps: float | None = None,
-    include: str | Iterable[str] | None = None,
-    exclude: str | Iterable[str] | None = None,
-    process_group: torch.distributed.ProcessGroup | None = None,
-    only: tuple[type, ...] | None = None,
-) -> tuple[nn.Module, ConversionReport]:
+def _convert(module: nn.Module, norm: str, options: dict[str, Any],
+             only: tuple[type, ...] | None = None) -> tuple[nn.Module, ConversionReport]:
+    """convert_norms' implementation: ``options`` are its keyword arguments (unknown ones raise TypeError);
+    ``only`` restricts the source layers (SyncBatchNormPlugin converts BatchNorm only)."""
+    bound = inspect.signature(convert_norms).bind(module, norm, **options)
+    bound.apply_defaults()
+    num_groups, group_size, strict, ws, ws_eps, eps, include, exclude, process_group = (
+        bound.arguments[key] for key in ("num_groups", "group_size", "strict", "ws", "ws_eps", "eps", "include",
+                                         "exclude", "process_group"))
     norm = resolve_norm_name(norm)
     if not isinstance(module, nn.Module):
         raise TypeError(f"convert_norms expects an nn.Module, got {type(module).__name__}")
@@ -450,10 +445,8 @@ def convert_norms(
     FrozenBatchNorm2d, GroupNorm, and timm's fused norm+act layers (whose activation and dropout are kept).
     Affine values, running statistics, device, dtype, requires_grad, train/eval mode and module names are kept.
     """
-    converted, report = _convert(
-        module, norm, num_groups=num_groups, group_size=group_size, strict=strict, ws=ws, ws_eps=ws_eps, eps=eps,
-        include=include, exclude=exclude, process_group=process_group,
-    )
+    options = {key: value for key, value in locals().items() if key not in ("module", "norm")}
+    converted, report = _convert(module, norm, options)
     log.info("convert_norms(%s): %s", report.norm, report)
     return converted
 
@@ -465,7 +458,7 @@ def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
     rank-agnostic ``BatchNormXd`` is used. Values, training mode and names are kept exactly."""
     if not any(isinstance(m, _SYNC_BN) for m in module.modules()):
         return module
-    converted, report = _convert(module, "bn", only=_SYNC_BN)
+    converted, report = _convert(module, "bn", {}, only=_SYNC_BN)
     log.debug("revert_sync_batchnorm: %s", report)
     return converted
 

@@ -35,7 +35,7 @@ class SyncBatchNormPlugin(*bases("plugins.layer_sync.LayerSync")):
         self.group_size = group_size
 
     def apply(self, model: nn.Module) -> nn.Module:
-        converted, _ = _convert(model, "syncbn", group_size=self.group_size, only=(_BatchNorm,))
+        converted, _ = _convert(model, "syncbn", {"group_size": self.group_size}, only=(_BatchNorm,))
         return converted
 
     def revert(self, model: nn.Module) -> nn.Module:

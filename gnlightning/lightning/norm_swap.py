@@ -90,7 +90,7 @@ def apply_spec(root: nn.Module, spec: dict[str, Any], *, announce: bool = False)
             f"NormSwap(module={path!r}): {type(root).__name__} has no submodule {path!r} (at the time of the swap); "
             "give a dotted path as in model.named_modules(), e.g. 'model.backbone'"
         ) from error
-    converted, report = _convert(target, spec["norm"], **spec.get("options", {}))
+    converted, report = _convert(target, spec["norm"], spec.get("options", {}))
     if converted is not target:  # the submodule itself was a norm layer
         parent, _, name = path.rpartition(".")
         setattr(root.get_submodule(parent), name, converted)
