@@ -28,7 +28,8 @@ class Task(L.LightningModule):
         class_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
+        # class_names also lives in data modules' hparams, which Lightning merges with these for loggers
+        self.save_hyperparameters(ignore=["model", "optimizer", "scheduler", "class_names"])
         self.model = model
         self.optimizer, self.scheduler = optimizer, scheduler
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
