@@ -11,7 +11,7 @@ import torch
 import torchvision
 from torch import nn
 
-from gnlightning import FrozenBatchNorm2d, SyncBatchNorm, convert_norms, revert_sync_batchnorm
+from gnlightning import SyncBatchNorm, convert_norms, revert_sync_batchnorm
 from gnlightning.convert import norm_kind
 from gnlightning.layers import NORMS
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from gnlightning import FrozenBatchNorm2d, NormAdvisor, NormSwap, PreciseBN, SyncBatchNorm, WSConv2d
+from gnlightning import FrozenBatchNorm2d, NormAdvisor, NormSwap, PreciseBN, WSConv2d
 from gnlightning.lightning.norm_swap import load_converted
 from tests.scripts.fit_normswap import Classifier
 

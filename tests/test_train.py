@@ -1,0 +1,186 @@
+"""The Hydra config tree and gnl-train: every config composes and builds, runs end to end, sweeps summarise."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+from gnlightning.train import build, world_size
+
+CONF = Path(__file__).parents[1] / "gnlightning" / "conf"
+TINY = ["data.num_train=8", "data.num_val=4", "data.num_test=4", "data.image_size=32", "data.batch_size=2",
+        "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1"]
+
+
+def composed(overrides, tmp_path):
+    with initialize_config_module("gnlightning.conf", version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    cfg.hydra.runtime.output_dir = str(tmp_path)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def options(group):
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group, choice", [(g, c) for g in ("norm", "trainer", "callbacks", "logger", "optim")
+                                           for c in options(g)])
+def test_every_group_option_composes_and_instantiates(group, choice, tmp_path):
+    from hydra.utils import instantiate
+
+    cfg = composed([f"{group}={choice}", *TINY], tmp_path)
+    if group == "trainer":
+        assert world_size(cfg.trainer) >= 1
+        if cfg.trainer.accelerator == "cpu" and cfg.trainer.get("strategy") is None:
+            instantiate(cfg.trainer, logger=False)
+        return
+    if group == "logger":
+        if choice == "tensorboard":
+            pytest.importorskip("tensorboard")
+        instantiate(cfg.logger)
+        return
+    if group == "callbacks":
+        for node in cfg.callbacks.values():
+            instantiate(node)
+        return
+    data, task, plugins = build(cfg)
+    assert task.hparams.num_classes == data.num_classes
+
+
+@pytest.mark.parametrize("model", options("model"))
+def test_every_model_config_builds_with_the_shapes_data(model, tmp_path):
+    cfg = composed([f"model={model}", "norm=gn", *TINY], tmp_path)
+    data, task, _ = build(cfg)
+    assert data.task == ("detection" if type(task).__name__ == "DetectionTask" else "segmentation")
+
+
+def test_syncbn_on_one_device_falls_back_to_bn_and_uses_plugin_on_two(tmp_path, caplog):
+    cfg = composed(["norm=syncbn", *TINY], tmp_path)
+    with caplog.at_level(logging.INFO, logger="gnlightning"):
+        _, task, plugins = build(cfg)
+    assert plugins == [] and "nothing to synchronise with" in caplog.text
+    cfg = composed(["norm=syncbn", "trainer=ddp_cpu", "norm.sync_group_size=2", *TINY], tmp_path)
+    _, task, plugins = build(cfg)
+    assert type(plugins[0]).__name__ == "SyncBatchNormPlugin" and plugins[0].group_size == 2
+
+
+@pytest.mark.parametrize("override, message", [
+    ("norm.num_group=8", "num_group"),
+    ("norm.num_groups=eight", "num_groups"),
+    ("data.batch_sise=2", "batch_sise"),
+    ("model=deeplab", "deeplab"),
+    ("norm=gnws", "gnws"),
+])
+def test_typos_fail_fast_naming_the_key(override, message, tmp_path):
+    with pytest.raises(Exception) as info:
+        cfg = composed([*TINY, override], tmp_path)
+        build(cfg)
+    assert message in str(info.value)
+
+
+def test_wrong_type_in_target_config_names_key_and_type(tmp_path):
+    cfg = composed([*TINY, "data.num_train=many"], tmp_path)
+    with pytest.raises(ValueError, match=r"data.num_train='many'.*expects int"):
+        build(cfg)
+
+
+def run_cli(args, cwd, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "gnlightning.train", *args], cwd=cwd, env=env, timeout=timeout,
+                          capture_output=True, text=True, check=False)
+
+
+def test_gnl_train_end_to_end_single_process(tmp_path):
+    result = run_cli([*TINY, "hydra.run.dir=run"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    results = json.loads((run / "results.json").read_text())
+    assert results["settings"]["norm"] == "gn_ws" and results["settings"]["batch_size_per_device"] == 2
+    assert 0 <= results["metrics"]["test/mIoU"] <= 1
+    assert (run / ".hydra" / "config.yaml").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    assert "test/mIoU" in result.stdout  # the final metrics table
+
+
+@pytest.mark.distributed
+def test_gnl_train_ddp_cpu_one_output_directory(tmp_path):
+    result = run_cli([*TINY, "trainer=ddp_cpu", "norm=syncbn", "hydra.run.dir=run"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no per-rank Hydra directories
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["settings"]["world_size"] == 2 and results["settings"]["total_batch_size"] == 4
+
+
+@pytest.mark.distributed
+def test_torchrun_launch_script_two_cpu_processes(tmp_path):
+    script = Path(__file__).parents[1] / "scripts" / "launch_torchrun.sh"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NPROC": "2", "RUN_DIR": str(tmp_path / "run"),
+           "MASTER_PORT": "29533", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(["bash", str(script), "trainer=ddp_cpu", *TINY], cwd=tmp_path, env=env, timeout=300,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["settings"]["world_size"] == 2
+
+
+def test_sweep_2x2_produces_summary(tmp_path):
+    result = run_cli(["-m", "norm=bn,gn", "data.batch_size=2,4", *TINY[:-4], "trainer.max_epochs=1",
+                      "trainer.enable_progress_bar=false", "run_test=false", "hydra.sweep.dir=sweep"], tmp_path,
+                     timeout=500)
+    assert result.returncode == 0, result.stderr[-3000:]
+    from gnlightning.sweep_summary import summarize
+
+    paths = summarize(tmp_path / "sweep")
+    table = paths["md"].read_text()
+    assert "| bn |" in table and "| gn |" in table and "2/device" in table and "4/device" in table
+    assert len(paths["csv"].read_text().strip().splitlines()) == 5
+    assert paths["png"].stat().st_size > 0
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_experiment_recipes_compose(experiment, tmp_path):
+    cfg = composed([f"experiment={experiment}", "data.root=/nonexistent", "++data.num_classes=3"]
+                   if experiment.startswith(("voc", "coco")) else [f"experiment={experiment}"], tmp_path)
+    assert cfg.data.batch_size == 2 and cfg.norm.name in ("gn", "gn_ws", "bn")
+
+
+def test_user_app_reuses_groups_through_pkg_search_path(tmp_path):
+    from hydra import initialize_config_dir
+
+    (tmp_path / "my_app.yaml").write_text(
+        "defaults:\n  - norm: gn\n  - _self_\nhydra:\n  searchpath:\n    - pkg://gnlightning.conf\nlr: 0.1\n")
+    with initialize_config_dir(str(tmp_path), version_base="1.3"):
+        cfg = compose("my_app", overrides=["norm.num_groups=16"])
+    assert cfg.norm.name == "gn" and cfg.norm.num_groups == 16 and cfg.lr == 0.1
+
+
+@pytest.mark.parametrize("layout, model", [("coco", "fasterrcnn_resnet50_fpn"), ("coco", "timm_segmentation"),
+                                           ("voc", "timm_segmentation"), ("folder", "timm_segmentation")])
+def test_file_data_configs_build_and_fit_from_written_files(layout, model, tmp_path):
+    from gnlightning.data import write_coco, write_folder, write_voc
+
+    writer = {"coco": write_coco, "voc": write_voc, "folder": write_folder}[layout]
+    root = writer(tmp_path / layout, num_train=4, num_val=2, image_size=32, seed=1)
+    overrides = [f"data={layout}", f"data.root={root}", f"model={model}", "data.batch_size=2", "data.num_workers=0",
+                 "data.image_size=32", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
+                 "trainer.log_every_n_steps=1", "run_test=false", "~callbacks.lr_monitor"]
+    if layout == "folder":
+        overrides.append("data.num_classes=4")
+    if layout == "voc":
+        overrides.append("data.num_classes=4")
+    cfg = composed(overrides, tmp_path)
+    data, task, _ = build(cfg)
+    assert data.num_classes == 4 and task.hparams.num_classes == 4
+    from gnlightning.train import run
+
+    metrics = run(cfg)
+    assert all(value == value for value in metrics.values())  # finite, not NaN
