@@ -85,7 +85,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, li
 
 def _detection_size(data: L.LightningDataModule) -> int | None:
     """The size a detection model resizes images to: the data's own, so that nothing is rescaled twice."""
-    size = getattr(data, "image_size", None)
+    size = getattr(data, "image_size", None) or data.hparams.get("image_size")
     return max(size) if isinstance(size, (tuple, list)) else size
 
 

@@ -173,10 +173,11 @@ def test_file_data_configs_build_and_fit_from_written_files(layout, model, tmp_p
     overrides = [f"data={layout}", f"data.root={root}", f"model={model}", "data.batch_size=2", "data.num_workers=0",
                  "data.image_size=32", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
                  "trainer.log_every_n_steps=1", "run_test=false", "~callbacks.lr_monitor"]
-    if layout == "folder":
+    if layout in ("voc", "folder"):
         overrides.append("data.num_classes=4")
-    if layout == "voc":
-        overrides.append("data.num_classes=4")
+    if "rcnn" in model:  # few proposals: an untrained detector's thousand boxes only cost time here
+        overrides += ["+model.options.rpn_pre_nms_top_n_test=50", "+model.options.rpn_post_nms_top_n_test=20",
+                      "+model.options.box_detections_per_img=10"]
     cfg = composed(overrides, tmp_path)
     data, task, _ = build(cfg)
     assert data.num_classes == 4 and task.hparams.num_classes == 4
