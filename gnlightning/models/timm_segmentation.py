@@ -24,7 +24,7 @@ class TimmSegmentation(nn.Module):
         self,
         num_classes: int,
         backbone: str = "resnet18",
-        out_indices: tuple[int, ...] = (1, 2, 3),
+        out_indices: tuple[int, ...] = (0, 1, 2),
         decoder_channels: int = 64,
         norm: str = "bn",
         num_groups: int = 32,
