@@ -185,3 +185,12 @@ def test_file_data_configs_build_and_fit_from_written_files(layout, model, tmp_p
 
     metrics = run(cfg)
     assert all(value == value for value in metrics.values())  # finite, not NaN
+
+
+def test_gnl_inspect_reports_conversion_without_training(tmp_path):
+    from gnlightning.inspect_norms import report
+
+    text = report(composed(["norm=gn_ws", "model=lraspp_mobilenet_v3_large"], tmp_path))
+    assert "model lraspp_mobilenet_v3_large, norm gn_ws" in text
+    assert "WSConv2d" in text and "GroupNorm" in text and "BatchNorm" not in text
+    assert "parameters:" in text and "before" in text
