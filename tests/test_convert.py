@@ -210,3 +210,12 @@ def test_timm_fused_norm_act_keeps_activation_and_dropout():
     model = convert_norms(model, "gn")
     assert type(model.bn1) is GroupNormAct and model.bn1.act is act and model.bn1.drop is drop
     assert {n for n, _ in model.bn1.named_children()} == {"act", "drop"}
+
+
+def test_convert_norms_does_not_import_lightning():
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, gnlightning; gnlightning.convert_norms(torch.nn.BatchNorm2d(4), 'gn'); "
+            "assert not any(m.split('.')[0] in ('lightning', 'pytorch_lightning', 'hydra') for m in sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
