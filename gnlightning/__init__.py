@@ -11,6 +11,7 @@ import importlib
 from typing import Any
 
 from gnlightning.convert import convert_norms, describe_norms, revert_sync_batchnorm
+from gnlightning.export import prepare_for_export
 from gnlightning.layers import FrozenBatchNorm2d, SyncBatchNorm, WSConv2d
 
 __version__ = "0.1.0"
@@ -23,7 +24,7 @@ _LAZY = {
 }
 
 __all__ = [
-    "convert_norms", "describe_norms", "revert_sync_batchnorm", "FrozenBatchNorm2d", "SyncBatchNorm", "WSConv2d",
+    "convert_norms", "describe_norms", "prepare_for_export", "revert_sync_batchnorm", "FrozenBatchNorm2d", "SyncBatchNorm", "WSConv2d",
     *_LAZY,
 ]
 

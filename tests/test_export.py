@@ -1,0 +1,57 @@
+"""prepare_for_export: same outputs as the eval model, training machinery gone."""
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from gnlightning import SyncBatchNorm, WSConv2d, convert_norms
+from gnlightning.export import prepare_for_export
+from gnlightning.layers import FrozenBatchNorm2d
+
+
+def randomized_stats(model):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("norm", ["bn", "syncbn", "frozen_bn", "gn_ws"])
+def test_export_form_equals_eval_model(norm):
+    model = convert_norms(randomized_stats(torchvision.models.segmentation.lraspp_mobilenet_v3_large(
+        weights=None, weights_backbone=None, num_classes=3)), norm).eval()
+    before = copy.deepcopy(model)
+    exported = prepare_for_export(model)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x)["out"], model(x)["out"], rtol=1e-4, atol=1e-5)
+    assert not any(isinstance(m, (SyncBatchNorm, WSConv2d)) for m in exported.modules())
+    if norm in ("bn", "syncbn", "frozen_bn"):  # every conv -> norm pair folded
+        kinds = [type(m) for m in exported.modules()]
+        assert nn.BatchNorm2d not in kinds and FrozenBatchNorm2d not in kinds
+    if norm == "gn_ws":
+        assert any(isinstance(m, nn.GroupNorm) for m in exported.modules())
+    for key, value in before.state_dict().items():  # the original is untouched
+        assert torch.equal(value, model.state_dict()[key])
+    torch.jit.trace(exported, x, strict=False)
+
+
+def test_untraceable_detection_model_keeps_its_norms_and_matches():
+    model = randomized_stats(torchvision.models.detection.fasterrcnn_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=3, min_size=64, max_size=64,
+        rpn_post_nms_top_n_test=20, box_detections_per_img=5))
+    model = convert_norms(model, "gn_ws", include="backbone.fpn").eval()
+    exported = prepare_for_export(model)
+    images = [torch.rand(3, 64, 64)]
+    with torch.no_grad():
+        expected, got = model(images)[0], exported(images)[0]
+    torch.testing.assert_close(got["boxes"], expected["boxes"], rtol=1e-4, atol=1e-4)
+    assert not any(isinstance(m, WSConv2d) for m in exported.modules())
