@@ -5,7 +5,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from gnlightning.convert import describe_norms
+from gnlightning.convert import convert_norms, describe_norms
 from gnlightning.models import build_model
 from gnlightning.schema import register
 from gnlightning.train import norm_settings
@@ -17,17 +17,17 @@ def report(cfg: DictConfig) -> str:
     """The describe_norms table of ``cfg.model`` after ``cfg.norm``, with parameter counts."""
     name, options = norm_settings(cfg.norm)
     num_classes = cfg.data.get("num_classes") or 2
-    before = build_model(cfg.model.name, num_classes, **dict(cfg.model.options))
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    total_before, trainable_before = count(before), sum(p.numel() for p in before.parameters() if p.requires_grad)
-    after = build_model(cfg.model.name, num_classes, norm="bn" if name == "syncbn" else name,
-                        norm_options=options, **dict(cfg.model.options))
+    model = build_model(cfg.model.name, num_classes, **dict(cfg.model.options))
+    total_before = sum(p.numel() for p in model.parameters())
+    trainable_before = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    after = convert_norms(model, "bn" if name == "syncbn" else name, **options)
+    total_after = sum(p.numel() for p in after.parameters())
     trainable_after = sum(p.numel() for p in after.parameters() if p.requires_grad)
     return "\n".join([
         f"model {cfg.model.name}, norm {name}" + (" (BatchNorm, synchronised by SyncBatchNormPlugin under DDP)"
                                                        if name == "syncbn" else ""),
         str(describe_norms(after)),
-        f"parameters: {total_before:,} before, {count(after):,} after; trainable: {trainable_before:,} before, "
+        f"parameters: {total_before:,} before, {total_after:,} after; trainable: {trainable_before:,} before, "
         f"{trainable_after:,} after",
     ])
 

@@ -89,6 +89,8 @@ def test_load_weights_prefixes_mismatches_and_wrong_architecture(tmp_path, caplo
     assert missing and set(missing) == set(unexpected) and all("classifier" in key for key in missing)
     key = "backbone.0.0.weight"
     assert torch.equal(target.state_dict()[key], source.state_dict()[key])
+    in_memory = build_model("lraspp_mobilenet_v3_large", 5)  # what hub weights go through: a state dict
+    assert load_weights(in_memory, source.state_dict()) == (missing, unexpected)
     with pytest.raises(ValueError, match="another architecture"):
         load_weights(build_model("fcn_resnet50", 3), tmp_path / "run.ckpt")
     with pytest.raises(FileNotFoundError, match="does not exist"):

@@ -68,12 +68,8 @@ def build_model(
         model = torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=num_classes,
                                              **model_options)
     if weights is not None:
-        if os.path.sep in weights or os.path.exists(weights) or weights.endswith((".pth", ".pt", ".ckpt")):
-            load_weights(model, weights)
-        else:
-            state = hub_weights(name, weights).get_state_dict(progress=False)
-            head = {k for k, v in state.items() if k in model.state_dict() and model.state_dict()[k].shape != v.shape}
-            model.load_state_dict({k: v for k, v in state.items() if k not in head}, strict=False)
+        is_file = os.path.sep in weights or os.path.exists(weights) or weights.endswith((".pth", ".pt", ".ckpt"))
+        load_weights(model, weights if is_file else hub_weights(name, weights).get_state_dict(progress=False))
     if norm is not None:
         model = convert_norms(model, norm, **(norm_options or {}))
     return model

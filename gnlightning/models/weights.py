@@ -35,18 +35,23 @@ def _read(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike, *, min_match: float = 0.5) -> tuple[list[str], list[str]]:
-    """Load a state dict or Lightning checkpoint from ``path`` into ``model``; returns (missing, unexpected) keys.
+def load_weights(model: nn.Module, source: str | os.PathLike | dict, *,
+                 min_match: float = 0.5) -> tuple[list[str], list[str]]:
+    """Load a state dict or Lightning checkpoint (a file path, or already in memory) into ``model``; returns
+    (missing, unexpected) keys.
 
     A key prefix (``model.``, ``module.`` ...) is stripped when that makes more keys match. Tensors whose shape
     differs (typically a classifier with another number of classes) are skipped and reported. If fewer than
     ``min_match`` of the model's tensors can be loaded, a ValueError says so: those are weights for another
     architecture."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {str(path)!r} does not exist; pass the path of a state dict (.pth) or a "
-                                "Lightning checkpoint (.ckpt) on this machine")
-    loaded = _read(path)
+    if isinstance(source, dict):
+        loaded, path = source, "the given state dict"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"weights file {str(path)!r} does not exist; pass the path of a state dict (.pth) "
+                                    "or a Lightning checkpoint (.ckpt) on this machine")
+        loaded = _read(path)
     state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} is neither a state dict nor a Lightning checkpoint (found {type(loaded).__name__})")
