@@ -7,7 +7,7 @@ import csv
 import json
 from collections import defaultdict
 from pathlib import Path
-from statistics import mean
+from statistics import mean, stdev
 
 __all__ = ["collect", "summarize"]
 
@@ -21,6 +21,13 @@ def collect(sweep_dir: str | Path) -> list[dict]:
     if not rows:
         raise FileNotFoundError(f"no results.json below {sweep_dir}: is it the directory of a `gnl-train -m` sweep?")
     return rows
+
+
+def _cell(values: list[float]) -> str:
+    """Mean, and the spread over seeds when there are several (sample standard deviation, n)."""
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{mean(values):.3f} ± {stdev(values):.3f} (n={len(values)})"
 
 
 def summarize(sweep_dir: str | Path, metric: str | None = None, out_dir: str | Path | None = None) -> dict[str, Path]:
@@ -41,13 +48,12 @@ def summarize(sweep_dir: str | Path, metric: str | None = None, out_dir: str | P
     grouped: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
         if row.get(metric) is not None:
-            grouped[row["norm"]][row["batch_size_per_device"]].append(row[metric])
+            grouped[row.get("variant", row["norm"])][row["batch_size_per_device"]].append(row[metric])
     sizes = sorted({size for per_norm in grouped.values() for size in per_norm})
     lines = ["| norm | " + " | ".join(f"{size}/device" for size in sizes) + " |",
              "|---|" + "---|" * len(sizes)]
     for norm, per_size in grouped.items():
-        cells = [f"{mean(per_size[s]):.3f}" + (f" (n={len(per_size[s])})" if len(per_size[s]) > 1 else "")
-                 if s in per_size else "-" for s in sizes]
+        cells = [_cell(per_size[s]) if s in per_size else "-" for s in sizes]
         lines.append(f"| {norm} | " + " | ".join(cells) + " |")
     paths["md"].write_text(f"{metric} by norm and images per device\n\n" + "\n".join(lines) + "\n")
 

@@ -111,8 +111,13 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
 def write_results(output_dir: Path, cfg: DictConfig, metrics: dict[str, float], trainer: L.Trainer) -> None:
     """``results.json`` (what sweep summaries read) and a metrics table on stdout."""
+    from gnlightning.lightning.precise_bn import PreciseBN
+
     batch_size = cfg.data.get("batch_size")
+    precise_bn = any(isinstance(callback, PreciseBN) for callback in trainer.callbacks)
     settings = {
+        # "variant" is what sweep summaries compare: bn with and without PreciseBN are different recipes
+        "variant": cfg.norm.name + ("+precise_bn" if precise_bn else ""),
         "norm": cfg.norm.name, "model": cfg.model.name, "data": cfg.data._target_.rsplit(".", 1)[-1],
         "batch_size_per_device": batch_size, "world_size": trainer.world_size,
         "total_batch_size": batch_size * trainer.world_size if batch_size else None, "seed": cfg.seed,

@@ -59,4 +59,4 @@ class DetectionTask(Task):
             target = "" if iou_type == "bbox" else "segm_"
             for key in ("map", "map_50", "map_75"):
                 self.log(f"{stage}/{target}{key.replace('map', 'mAP')}", results[f"{source}{key}"],
-                         prog_bar=key == "map")
+                         prog_bar=key == "map", sync_dist=True)  # equal on all ranks, see SegmentationTask

@@ -54,8 +54,10 @@ class SegmentationTask(Task):
         metric.update(self(images).argmax(dim=1), masks)
 
     def log_metric(self, metric: MulticlassJaccardIndex, stage: str) -> None:
+        # compute() already gathered every rank's counts, so the values agree across ranks; sync_dist averages
+        # equal numbers and tells Lightning (which warns otherwise) that epoch-level values are global.
         per_class = metric.compute()
-        self.log(f"{stage}/mIoU", per_class.nanmean(), prog_bar=stage == "val")
+        self.log(f"{stage}/mIoU", per_class.nanmean(), prog_bar=stage == "val", sync_dist=True)
         for name, value in zip(self.class_names, per_class):
             if not torch.isnan(value):
-                self.log(f"{stage}/IoU/{name}", value)
+                self.log(f"{stage}/IoU/{name}", value, sync_dist=True)

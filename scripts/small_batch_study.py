@@ -1,0 +1,159 @@
+#!/usr/bin/env python
+"""The small-batch study: validation mIoU against images per device, one line per norm (the GN paper's Figure 1).
+
+Why a script and not a `gnl-train -m` sweep: the runs must see the same number of images whatever the batch, with
+a learning rate scaled to the total batch, and syncbn needs a 2-process DDP trainer while everything else runs on
+one process -- per-run arithmetic that a sweep grid cannot express. Every run is still a plain `gnl-train` command
+(printed, and saved with its Hydra config), so any point of the plot can be rerun or extended by hand.
+
+Protocol (defaults; all flags below):
+* data: the built-in shapes (1024 training images of 64x64, 128 validation images), model: the default timm
+  ResNet-18 segmentation model, optimiser: AdamW with the poly schedule.
+* every run sees ``--images`` training images: ``max_epochs = images / 1024`` for every batch size and world size.
+* learning rate ``--base-lr`` at a total batch of ``--base-batch``, scaled by ``sqrt(total / base)`` for AdamW
+  (square-root scaling is the rule for adaptive optimisers; linear scaling, as for SGD, with
+  ``--lr-scaling linear``); warm-up covers the same number of images (``--warmup-images``) in every run.
+* variants: bn, bn + PreciseBN (callbacks=precise_bn), syncbn over 2 DDP processes (per-device batch b, total 2b),
+  gn, gn_ws, ln, in; per-device batch 1, 2, 4, 8, 16; seeds 0 and 1.
+* single-process runs go ``--jobs`` at a time with one thread each; a syncbn run takes all the slots.
+* the metric is val/mIoU after the last epoch (no checkpoint selection).
+
+Finished runs are skipped, so an interrupted study resumes where it stopped. Results: ``<out>/summary.csv``,
+``summary.md`` and ``summary.png``, and ``<out>/study.md`` with the command, the wall time and the table.
+
+Usage:  python scripts/small_batch_study.py [--out docs/small_batch_study --seeds 0 1 --jobs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from threading import Lock, Semaphore
+
+from gnlightning.sweep_summary import summarize
+
+VARIANTS = ("bn", "bn+precise_bn", "syncbn", "gn", "gn_ws", "ln", "in")
+NUM_TRAIN = 1024
+
+
+@dataclass(frozen=True)
+class Run:
+    variant: str
+    batch: int
+    seed: int
+
+    @property
+    def world_size(self) -> int:
+        return 2 if self.variant == "syncbn" else 1
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant}_b{self.batch}_s{self.seed}"
+
+
+def overrides(run: Run, args: argparse.Namespace, run_dir: Path) -> list[str]:
+    """The gnl-train arguments of one run."""
+    total = run.batch * run.world_size
+    ratio = total / args.base_batch
+    lr = args.base_lr * (math.sqrt(ratio) if args.lr_scaling == "sqrt" else ratio)
+    norm, _, extra = run.variant.partition("+")
+    return [
+        f"norm={norm}",
+        *(["callbacks=precise_bn"] if extra == "precise_bn" else []),
+        *(["trainer=ddp_cpu"] if run.world_size > 1 else []),
+        f"data.batch_size={run.batch}",
+        f"trainer.max_epochs={args.images // NUM_TRAIN}",
+        f"optim.optimizer.lr={lr:.6g}",
+        f"optim.warmup_steps={max(1, round(args.warmup_images / total))}",
+        f"seed={run.seed}",
+        "run_test=false",
+        "~callbacks.checkpoint",
+        "+trainer.enable_checkpointing=false",
+        "trainer.enable_progress_bar=false",
+        f"hydra.run.dir={run_dir}",
+    ]
+
+
+def execute(run: Run, args: argparse.Namespace, runs_dir: Path, slots: Semaphore, taking: Lock) -> str:
+    run_dir = runs_dir / run.name
+    if (run_dir / "results.json").exists():
+        return f"{run.name}: done before, skipped"
+    command = ["gnl-train", *overrides(run, args, run_dir)]
+    needed = min(run.world_size, args.jobs)
+    with taking:  # all slots of a run at once: two 2-slot runs holding one slot each would wait for ever
+        for _ in range(needed):
+            slots.acquire()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        with (run_dir / "run.log").open("w") as log:
+            log.write(shlex.join(command) + "\n")
+            log.flush()
+            code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+        seconds = time.perf_counter() - start
+    finally:
+        for _ in range(needed):
+            slots.release()
+    status = "ok" if code == 0 else f"FAILED (exit {code}, see {run_dir / 'run.log'})"
+    return f"{run.name}: {status} in {seconds:.0f} s"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("docs/small_batch_study"))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 2, 4, 8, 16])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--images", type=int, default=2048, help="training images seen per run (multiple of 1024)")
+    parser.add_argument("--base-lr", type=float, default=2e-3)
+    parser.add_argument("--base-batch", type=int, default=8)
+    parser.add_argument("--lr-scaling", choices=("sqrt", "linear"), default="sqrt")
+    parser.add_argument("--warmup-images", type=int, default=256)
+    parser.add_argument("--jobs", type=int, default=2, help="single-process runs at a time (one per core)")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
+    args = parser.parse_args()
+    if args.images % NUM_TRAIN:
+        parser.error(f"--images {args.images} must be a multiple of the {NUM_TRAIN} training images (whole epochs)")
+
+    runs = [Run(v, b, s) for s in args.seeds for b in args.batches for v in args.variants]
+    # Largest runs first keeps the slots busy at the end; the 2-process runs are queued last for the same reason.
+    runs.sort(key=lambda run: (run.world_size, run.batch))
+    runs_dir = args.out / "runs"
+    slots, taking = Semaphore(args.jobs), Lock()
+    start = time.perf_counter()
+    failures = 0
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for line in pool.map(lambda run: execute(run, args, runs_dir, slots, taking), runs):
+            print(line, flush=True)
+            failures += "FAILED" in line
+    wall = time.perf_counter() - start
+
+    paths = summarize(runs_dir, "val/mIoU", args.out)
+    command = shlex.join(["python", "scripts/small_batch_study.py", *sys.argv[1:]])
+    table = paths["md"].read_text()
+    (args.out / "study.md").write_text(
+        f"# Small-batch study\n\nCommand: `{command}`\n\nWall time: {wall / 60:.1f} min for {len(runs)} runs "
+        f"(finished runs are skipped on a rerun, so this is the time of the last invocation), "
+        f"{os.cpu_count()} CPU cores, {args.threads} thread(s) per process, {args.jobs} job(s) at a time.\n\n"
+        f"Each run: {args.images} training images seen, lr {args.base_lr:g} at total batch {args.base_batch} "
+        f"scaled by {args.lr_scaling}(total / {args.base_batch}), warm-up over {args.warmup_images} images; "
+        f"syncbn runs on 2 DDP processes (total batch = 2 x per-device batch).\n\n{table}"
+    )
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    print(f"study: {args.out / 'study.md'} ({wall / 60:.1f} min)")
+    if failures:
+        sys.exit(f"{failures} run(s) failed; rerun the same command to retry them")
+
+
+if __name__ == "__main__":
+    main()
