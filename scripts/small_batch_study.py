@@ -76,6 +76,7 @@ def overrides(run: Run, args: argparse.Namespace, run_dir: Path) -> list[str]:
         f"seed={run.seed}",
         "run_test=false",
         "~callbacks.checkpoint",
+        "~callbacks.last_checkpoint",
         "+trainer.enable_checkpointing=false",
         "trainer.enable_progress_bar=false",
         f"hydra.run.dir={run_dir}",
