@@ -189,14 +189,17 @@ class _Scope:
         self.used.update(hits)
         return "excluded" if hits else None
 
-    def warn_unused(self) -> None:
+    def warn_unused(self, layer_names: Sequence[str]) -> None:
+        """Warn about each pattern that matched nothing, showing a few real layer names to aim at."""
+        shown = ", ".join(repr(name) for name in layer_names[:4]) + (", ..." if len(layer_names) > 4 else "")
+        names = f"; this model's norm layers are named {shown}" if layer_names else ""
         for option, patterns in (("include", self.include), ("exclude", self.exclude)):
             for pattern in patterns:
                 if pattern not in self.used:
                     warnings.warn(
                         f"convert_norms: {option} pattern {pattern!r} matched no norm layer or convolution; "
                         "patterns are globs over module names as printed by describe_norms(model), "
-                        "e.g. 'backbone.*' or 'roi_heads'",
+                        f"e.g. 'backbone.*' or 'roi_heads'{names}",
                         stacklevel=3,
                     )
 
@@ -366,8 +369,8 @@ def _convert(module: nn.Module, norm: str, options: dict[str, Any],
 
     conv_names: list[str] = []
     if ws:
-        pool = ws_candidates if ws == "auto" else [(n, m) for n, m in module.named_modules()
-                                                   if isinstance(m, nn.Conv2d)]
+        in_scope = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Conv2d) and scope.why_not(n) is None]
+        pool = ws_candidates if ws == "auto" else in_scope
         already, ws_types = 0, _ws_types()
         for name, conv in pool:
             if isinstance(conv, ws_types) or scope.why_not(name) is not None:
@@ -379,12 +382,21 @@ def _convert(module: nn.Module, norm: str, options: dict[str, Any],
             replacements[name] = WSConv2d.from_conv(conv, eps=ws_eps)
             conv_names.append(name)
         if not conv_names and not already:
-            warnings.warn(
-                f"convert_norms({norm!r}, ws={ws!r}): no plain nn.Conv2d to wrap with Weight Standardization "
-                "(ws='auto' wraps a Conv2d registered right before a converted norm layer with matching channels); "
-                "pass ws=True to wrap every Conv2d in scope, or ws=False for no WS",
-                stacklevel=3,
-            )
+            no_ws = "ws=False" + (" (or norm='gn', GroupNorm without WS)" if norm == "gn_ws" else "")
+            if ws is True or not in_scope:
+                # WS standardizes convolution filters: asked for explicitly with no convolution to act on, the
+                # request cannot be what the user meant (e.g. an MLP, or include/exclude leaving out every conv).
+                message = (f"convert_norms({norm!r}, ws={ws!r}): Weight Standardization needs an nn.Conv2d to wrap, "
+                           f"but {type(module).__name__} has no Conv2d in scope of the conversion; pass {no_ws}, "
+                           "or widen include / exclude if the convolutions were left out")
+                if ws is True:
+                    raise ValueError(message)
+            else:
+                message = (f"convert_norms({norm!r}, ws='auto'): no plain nn.Conv2d right before a converted norm "
+                           f"layer (with matching channels) to wrap with Weight Standardization, though "
+                           f"{len(in_scope)} Conv2d are in scope; pass ws=True to wrap every Conv2d in scope, or "
+                           f"{no_ws} for no WS")
+            warnings.warn(message, stacklevel=3)
         report.wrapped = len(conv_names)
 
     if last_norm is None:
@@ -393,7 +405,17 @@ def _convert(module: nn.Module, norm: str, options: dict[str, Any],
             "GroupNorm layer; returning it unchanged",
             stacklevel=3,
         )
-    scope.warn_unused()
+    if target == "frozen_bn" and not report.converted and not report.unchanged:
+        stateless = [name for name, reason in report.skipped if reason == "no running statistics to freeze"]
+        if stateless:
+            warnings.warn(
+                f"convert_norms('frozen_bn'): nothing to freeze, the model is unchanged: its {len(stateless)} norm "
+                f"layer(s) in scope (e.g. {stateless[0]!r}, {type(module.get_submodule(stateless[0])).__name__}) "
+                "keep no running statistics. frozen_bn freezes BatchNorm statistics; for a GroupNorm model use "
+                "norm='gn' (or set requires_grad=False on the norm parameters to freeze them)",
+                stacklevel=3,
+            )
+    scope.warn_unused([name for name, child in order if norm_kind(child) is not None])
 
     # Phase 2: apply. Plain attribute assignments; nothing here can fail half way.
     for layer in resync:

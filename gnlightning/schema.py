@@ -8,6 +8,8 @@ other libraries' classes (data, trainer, callbacks, logger) are checked against 
 
 from __future__ import annotations
 
+import difflib
+import importlib
 import inspect
 import typing
 from dataclasses import dataclass, field
@@ -83,7 +85,19 @@ def check_target(node: DictConfig, where: str) -> None:
     """Check a ``_target_`` node's keys and simple types against the target's signature.
 
     Raises ValueError naming the key, the expected type and the accepted keys."""
-    target = get_object(node["_target_"])
+    try:
+        target = get_object(node["_target_"])
+    except Exception as error:  # Hydra's message is about import machinery; say which config key and what to do
+        name = str(node["_target_"])
+        module_name, _, attr = name.rpartition(".")
+        try:
+            module = importlib.import_module(module_name)
+            close = difflib.get_close_matches(attr, [n for n in dir(module) if not n.startswith("_")], n=1)
+            guess = f"; did you mean {module_name}.{close[0]}?" if close else ""
+        except (ImportError, ValueError):  # ValueError: a name without a module part
+            guess = f"; module {module_name!r} cannot be imported"
+        raise ValueError(f"{where}._target_={name!r}: no such class or function{guess} (the config group's "
+                         f"option files in gnlightning/conf/{where.split('.')[0]}/ show working targets)") from error
     signature = inspect.signature(target)
     params = signature.parameters
     takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
@@ -96,10 +110,15 @@ def check_target(node: DictConfig, where: str) -> None:
         if key.startswith("_"):
             continue
         if key not in params and not takes_kwargs:
-            raise ValueError(f"{where}.{key}: {node['_target_']} has no parameter {key!r}; accepted keys: "
+            close = difflib.get_close_matches(key, accepted, n=1)
+            guess = f" (did you mean {where}.{close[0]}?)" if close else ""
+            raise ValueError(f"{where}.{key}: {node['_target_']} has no parameter {key!r}{guess}; accepted keys: "
                              f"{', '.join(accepted)}")
         value = OmegaConf.select(node, key, throw_on_missing=False)
         expected = _SIMPLE.get(hints.get(key))
         if expected and value is not None and not isinstance(value, (DictConfig,)) and (
                 not isinstance(value, expected) or (bool not in expected and isinstance(value, bool))):
-            raise ValueError(f"{where}.{key}={value!r}: {node['_target_']} expects {hints[key].__name__}")
+            default = params[key].default
+            example = (f", e.g. {where}.{key}={str(default).lower() if isinstance(default, bool) else default}"
+                       if default is not inspect.Parameter.empty and isinstance(default, expected) else "")
+            raise ValueError(f"{where}.{key}={value!r}: {node['_target_']} expects {hints[key].__name__}{example}")

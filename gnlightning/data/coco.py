@@ -31,6 +31,10 @@ from gnlightning.data.transforms import IGNORE_INDEX, build_transforms, check_ta
 __all__ = ["COCODataModule", "COCOSplit", "load_coco_annotations", "require_pycocotools"]
 
 _MAX_REPORTED_PROBLEMS = 5
+# The way out of a missing or misplaced data set, appended to every layout message.
+_GET_DATA = ("fix: point root at a directory with this layout (gnl-train: data.root=/path); "
+             "gnlightning.data.{writer}(directory) writes a small synthetic set in it, and gnl-train data=shapes "
+             "trains on built-in data with no files")
 
 
 def require_pycocotools() -> None:
@@ -63,7 +67,7 @@ def load_coco_annotations(path: str | os.PathLike, layout_hint: str = "") -> dic
     except json.JSONDecodeError as error:
         raise ValueError(
             f"{path}: not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}); "
-            "the file may be truncated or corrupt"
+            "the file may be truncated or corrupt: copy, download or export it again"
         ) from None
     except UnicodeDecodeError as error:
         raise ValueError(f"{path}: not a UTF-8 text file ({error})") from None
@@ -280,6 +284,7 @@ class COCODataModule(SplitDataModule):
             if ann is not None and (split != "test" or self.hparams.test_ann):
                 lines.append(f"  {ann}  (COCO instances json of the {split} split)")
                 lines.append(f"  {images}/<file_name of each image in {ann}>")
+        lines.append(_GET_DATA.format(writer="write_coco"))
         return "\n".join(lines)
 
     def _path(self, relative: str) -> Path:

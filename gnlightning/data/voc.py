@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets, tv_tensors
 
 from gnlightning.data.base import SplitDataModule
+from gnlightning.data.coco import _GET_DATA
 from gnlightning.data.transforms import IGNORE_INDEX, build_transforms
 
 __all__ = [
@@ -45,7 +46,8 @@ def _voc_layout(root: Path, year: str) -> str:
         f"\nexpected layout (layout='voc', as torchvision.datasets.VOCSegmentation reads it):\n"
         f"  {base}/JPEGImages/<id>.jpg\n"
         f"  {base}/SegmentationClass/<id>.png   (palette or grayscale class indices, 255 = ignore)\n"
-        f"  {base}/ImageSets/Segmentation/<split>.txt   (one <id> per line; split = train, val or trainval)"
+        f"  {base}/ImageSets/Segmentation/<split>.txt   (one <id> per line; split = train, val or trainval)\n"
+        + _GET_DATA.format(writer="write_voc")
     )
 
 
@@ -53,7 +55,8 @@ def _folder_layout(root: Path) -> str:
     return (
         f"\nexpected layout (layout='folder'):\n"
         f"  {root}/images/<split>/<name>.jpg|.jpeg|.png\n"
-        f"  {root}/masks/<split>/<name>.png   (same <name>; palette or grayscale class indices, 255 = ignore)"
+        f"  {root}/masks/<split>/<name>.png   (same <name>; palette or grayscale class indices, 255 = ignore)\n"
+        + _GET_DATA.format(writer="write_folder")
     )
 
 

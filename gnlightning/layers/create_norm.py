@@ -6,6 +6,7 @@ is accepted everywhere and an unknown name fails the same way everywhere.
 
 from __future__ import annotations
 
+import difflib
 import re
 
 import torch
@@ -36,8 +37,10 @@ def resolve_norm_name(norm: str) -> str:
         raise TypeError(f"norm must be a string, one of {', '.join(NORMS)}; got {norm!r} ({type(norm).__name__})")
     key = re.sub(r"[^a-z0-9]", "", norm.lower())
     if key not in _ALIASES:
+        close = difflib.get_close_matches(key, _ALIASES, n=1, cutoff=0.6)
+        guess = f"did you mean {_ALIASES[close[0]]!r}? " if close else ""
         raise ValueError(
-            f"unknown norm {norm!r}; valid names are {', '.join(NORMS)} "
+            f"unknown norm {norm!r}; {guess}valid names are {', '.join(NORMS)} "
             "(case-insensitive; aliases such as BN, SyncBN, GN, GN+WS, FrozenBN, LN, IN are accepted)"
         )
     return _ALIASES[key]

@@ -9,6 +9,7 @@ let strict users refuse instead.
 from __future__ import annotations
 
 import logging
+import operator
 
 __all__ = ["resolve_num_groups", "divisors"]
 
@@ -36,13 +37,11 @@ def resolve_num_groups(
         raise ValueError(f"GroupNorm needs at least one channel, got num_channels={num_channels} ({layer_name!r})")
     where = f"layer {layer_name!r} " if layer_name else ""
     if group_size is not None:
-        if group_size < 1:
-            raise ValueError(f"group_size must be a positive number of channels per group, got {group_size}")
+        group_size = _positive_int(group_size, "group_size", "channels per group, e.g. group_size=16")
         requested, asked = max(1, num_channels // group_size), f"group_size={group_size}"
         exact = num_channels % group_size == 0
     else:
-        if num_groups is None or num_groups < 1:
-            raise ValueError(f"num_groups must be a positive integer, got {num_groups!r}")
+        num_groups = _positive_int(num_groups, "num_groups", "groups per layer, e.g. num_groups=32 as in the GN paper")
         requested, asked = num_groups, f"num_groups={num_groups}"
         exact = num_channels % num_groups == 0
     if exact:
@@ -52,10 +51,26 @@ def resolve_num_groups(
         choice = (f"valid num_groups: {valid}" if group_size is None
                   else f"valid group_size: {[num_channels // d for d in reversed(valid)]}")
         raise ValueError(
-            f"GroupNorm for {where}with {num_channels} channels cannot use {asked}: {num_channels} is not divisible. "
+            f"GroupNorm for {where}with {num_channels} channels cannot use {asked}: {num_channels} is not divisible "
+            f"by {group_size if group_size is not None else num_groups}. "
             f"Choose one of the {choice}, or pass strict=False to use the nearest divisor."
         )
     chosen = max(d for d in divisors(num_channels) if d <= requested)
     log.info("GroupNorm for %swith %d channels: %s does not divide it, using %d groups",
              where, num_channels, asked, chosen)
     return chosen
+
+
+def _positive_int(value, option: str, meaning: str) -> int:
+    """``value`` as an int, or an error naming the option, the value and an example (a float or a string from a
+    config would otherwise fail later with an unrelated comparison error, or silently round)."""
+    try:
+        number = operator.index(value) if not isinstance(value, bool) else None
+    except TypeError:
+        number = None
+    if number is None:
+        raise TypeError(f"{option} must be a positive integer number of {meaning}; got {value!r} "
+                        f"({type(value).__name__})")
+    if number < 1:
+        raise ValueError(f"{option} must be a positive integer number of {meaning}; got {value!r}")
+    return number

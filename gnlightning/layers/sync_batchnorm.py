@@ -295,7 +295,15 @@ class SyncBatchNorm(_BatchNorm):
         if not self.training:
             # Eval (running statistics, or local batch statistics without them) never synchronizes, as in torch.
             return super().forward(input)
-        if group_world_size(self.process_group) > 1 or input.numel() == 0:
+        synchronized = group_world_size(self.process_group) > 1
+        if not synchronized and input.numel() == input.size(1):
+            # torch's own message names the shape but not the way out; the synchronized path says the same below.
+            raise ValueError(
+                "Expected more than 1 value per channel when training, got input size "
+                f"{tuple(input.shape)}: batch statistics of a single value per channel are undefined; use a batch of "
+                "at least 2 samples (or drop the last incomplete batch), norm=gn or frozen_bn, or eval mode"
+            )
+        if synchronized or input.numel() == 0:
             # An empty single-process batch takes this path too: with no collective to run it just returns an
             # empty output connected to the graph and leaves the running statistics alone.
             track = self.track_running_stats

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import logging
 from typing import Any
@@ -46,7 +47,11 @@ class NormSwap(*bases("callbacks.Callback")):
         try:  # a misspelt option fails here, not in the middle of fit
             inspect.signature(convert_norms).bind(nn.Identity(), self.norm, **convert_options)
         except TypeError as error:
-            raise TypeError(f"NormSwap: {error}; options are those of gnlightning.convert_norms") from None
+            valid = [name for name in inspect.signature(convert_norms).parameters if name not in ("module", "norm")]
+            close = [difflib.get_close_matches(key, valid, n=1) for key in convert_options if key not in valid]
+            guess = "".join(f" (did you mean {match[0]!r}?)" for match in close if match)
+            raise TypeError(f"NormSwap: {error}{guess}; options are those of gnlightning.convert_norms: "
+                            f"{', '.join(valid)}") from None
 
     def spec(self) -> dict[str, Any]:
         return {"norm": self.norm, "module": self.module, "options": dict(self.convert_options)}

@@ -3,6 +3,7 @@ the configured norm conversion."""
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 from typing import Any
@@ -34,7 +35,9 @@ def task_of(name: str) -> str:
         return "segmentation"
     if name in DETECTION_MODELS:
         return "detection"
-    raise ValueError(f"unknown model {name!r}; segmentation: {', '.join(SEGMENTATION_MODELS)}; "
+    close = difflib.get_close_matches(str(name), SEGMENTATION_MODELS + DETECTION_MODELS, n=2, cutoff=0.5)
+    guess = f"did you mean {' or '.join(close)}? " if close else ""
+    raise ValueError(f"unknown model {name!r}; {guess}segmentation: {', '.join(SEGMENTATION_MODELS)}; "
                      f"detection: {', '.join(DETECTION_MODELS)}")
 
 

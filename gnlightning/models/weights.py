@@ -12,6 +12,7 @@ import logging
 import os
 import pickle
 import socket
+import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -67,6 +68,18 @@ def load_weights(model: nn.Module, source: str | os.PathLike | dict, *,
             f"with matching shapes (e.g. it expects {examples}; the file has {', '.join(list(state)[:3])}). "
             "These look like weights for another architecture; check the model name and the file."
         )
+    if mismatched:
+        shapes = "; ".join(f"{key} (file {list(state[key].shape)}, model {list(own[key].shape)})"
+                           for key in mismatched[:4])
+        more = f"; and {len(mismatched) - 4} more" if len(mismatched) > 4 else ""
+        warnings.warn(
+            f"{len(mismatched)} tensor(s) in {path} do not fit {type(model).__name__} and were not loaded: "
+            f"{shapes}{more}. They keep their fresh initialisation, as they must when fine-tuning on data with "
+            "another number of classes (the head is learned anew). If the file was trained on this very data, the "
+            "class counts differ: build the model with the file's number of classes (gnl-train takes it from the "
+            "data: data.num_classes, or the categories of the annotation file)",
+            stacklevel=2,
+        )
     result = model.load_state_dict(usable, strict=False)
     unexpected = sorted(set(state) - set(own)) + sorted(mismatched)
     if result.missing_keys or unexpected:
@@ -84,10 +97,19 @@ def hub_weights(model_name: str, weights: str):
     Weights already in the torch hub cache are fine. Otherwise the download server must answer within seconds; if it
     does not, a RuntimeError explains how to load the file from a local path instead of letting the download hang.
     """
-    if "." in weights:  # a full name such as "ResNet50_Weights.IMAGENET1K_V2"
-        entry = torchvision.models.get_weight(weights)
-    else:
-        entry = torchvision.models.get_model_weights(model_name)[weights]
+    local = "pass the path of a local state dict / Lightning checkpoint instead (weights=/path/to/file.pth)"
+    try:
+        if "." in weights:  # a full name such as "ResNet50_Weights.IMAGENET1K_V2"
+            entry = torchvision.models.get_weight(weights)
+        else:
+            entry = torchvision.models.get_model_weights(model_name)[weights]
+    except (KeyError, ValueError, AttributeError):
+        if model_name not in torchvision.models.list_models():
+            raise ValueError(f"weights={weights!r}: {model_name} is not a torchvision model and has no torchvision "
+                             f"weights names; {local}") from None
+        names = ", ".join(["DEFAULT", *(entry.name for entry in torchvision.models.get_model_weights(model_name))])
+        raise ValueError(f"weights={weights!r} is neither a file nor a torchvision weights name for {model_name} "
+                         f"(those are {names}), or {local}") from None
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(entry.url).path)
     if cached.is_file():
         return entry

@@ -3,9 +3,11 @@ evaluation stage (torchmetrics synchronises it across ranks when it is computed)
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import contextlib
+from typing import Any, Callable, Iterator, Sequence
 
 import lightning.pytorch as L
+import torch
 from torch import nn
 
 from gnlightning.tasks.optim import build_optimizers
@@ -40,6 +42,48 @@ class Task(L.LightningModule):
 
     def make_metric(self) -> Any:
         raise NotImplementedError
+
+    @staticmethod
+    def check_finite(images: torch.Tensor | Sequence[torch.Tensor], batch_idx: int) -> None:
+        """Refuse a training batch holding NaN or Inf, before it reaches the model.
+
+        One NaN pixel turns every BatchNorm's batch statistics (and, through the momentum update, its running
+        statistics for all later batches) into NaN, and under SyncBN it spreads to every rank; the loss then says
+        NaN steps later, far from the cause. One reduction and one host sync per step find it at the source."""
+        if len(images) == 0:
+            return
+        if isinstance(images, torch.Tensor):
+            finite = torch.isfinite(images).reshape(len(images), -1).all(dim=1)
+        else:
+            finite = torch.stack([torch.isfinite(image).all() for image in images])
+        if bool(finite.all()):
+            return
+        bad = (~finite).nonzero().flatten().tolist()
+        raise FloatingPointError(
+            f"training batch {batch_idx}: image(s) {bad[:8]} of {len(finite)} contain NaN or Inf values. A single "
+            "non-finite input poisons every norm layer's statistics, so training stops here. Check the data: a "
+            "corrupt image file, normalization with a zero std, an augmentation that divides by zero; fix or drop "
+            "those samples"
+        )
+
+    @contextlib.contextmanager
+    def explain_batch_errors(self, batch_size: int) -> Iterator[None]:
+        """Re-raise BatchNorm's "one value per channel" error of a training forward pass with the ways out.
+
+        BatchNorm cannot compute batch statistics from one value per channel: a batch of one image reaching a
+        layer after global pooling (DeepLabV3's ASPP pooling branch sees 1x1 maps) fails deep inside the model,
+        with a message naming a shape but not the settings that produce it."""
+        try:
+            yield
+        except ValueError as error:
+            if "more than 1 value per channel" not in str(error):
+                raise
+            raise ValueError(
+                f"{error}\nBatchNorm got one value per channel in a training batch of {batch_size} image(s) per "
+                "device (layers after global pooling see 1x1 maps). Fix: at least 2 images per device "
+                "(gnl-train: data.batch_size=2) with the incomplete last batch dropped (data.drop_last=true), or a "
+                "norm that does not depend on the batch (norm=gn, norm=gn_ws or norm=frozen_bn)"
+            ) from error
 
     def update_metric(self, batch: Any, metric: Any) -> None:
         raise NotImplementedError

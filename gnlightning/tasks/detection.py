@@ -36,7 +36,9 @@ class DetectionTask(Task):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, targets = batch
-        losses = self.model(list(images), list(targets))
+        self.check_finite(images, batch_idx)
+        with self.explain_batch_errors(len(images)):
+            losses = self.model(list(images), list(targets))
         loss = sum(losses.values())
         self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
         for name, value in losses.items():

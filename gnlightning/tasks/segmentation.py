@@ -38,7 +38,9 @@ class SegmentationTask(Task):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, masks = batch
-        out = self.model(images)
+        self.check_finite(images, batch_idx)
+        with self.explain_batch_errors(len(images)):
+            out = self.model(images)
         logits = out["out"] if isinstance(out, dict) else out
         if logits.shape[1] != self.hparams.num_classes:
             raise ValueError(f"the model predicts {logits.shape[1]} classes but the task has num_classes="
