@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +50,51 @@ def world_size(trainer_cfg: DictConfig) -> int:
     return devices * int(trainer_cfg.get("num_nodes", 1))
 
 
+def check_config(cfg: DictConfig) -> None:
+    """Settings that would otherwise fail late (inside fit, in every DDP process) or with a message that names
+    neither the config key nor the fix: checked before anything is built."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        hint = " (or data=shapes, the built-in data that needs no files)" if any(
+            key.startswith("data.") for key in missing) else ""
+        raise ValueError(f"{', '.join(missing)} must be set (the chosen config leaves it open: ???); add e.g. "
+                         f"{missing[0]}=<value> to the command line{hint}")
+    batch_size = cfg.data.get("batch_size") if cfg.get("data") else None
+    if isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size < 1:
+        raise ValueError(f"data.batch_size={batch_size}: the number of images per device must be at least 1 (2 or "
+                         "more if the model trains BatchNorm), e.g. data.batch_size=2")
+    devices = cfg.trainer.get("devices", 1)
+    if devices not in (-1, "-1", "auto"):
+        processes = world_size(cfg.trainer)
+        sync_group_size = cfg.norm.get("sync_group_size")
+        if cfg.norm.name == "syncbn" and sync_group_size and processes % sync_group_size:
+            valid = [size for size in range(1, processes + 1) if processes % size == 0]
+            raise ValueError(f"norm.sync_group_size={sync_group_size} must divide the number of processes, "
+                             f"{processes} (trainer.devices x trainer.num_nodes); valid choices: {valid}")
+        from lightning.fabric.plugins.environments import TorchElasticEnvironment
+
+        if TorchElasticEnvironment.detect():
+            launched = int(os.environ.get("WORLD_SIZE", processes))
+            per_node = int(os.environ.get("LOCAL_WORLD_SIZE", launched))
+            if launched != processes:
+                raise ValueError(
+                    f"torchrun started {launched} process(es) (WORLD_SIZE={launched}, {per_node} per node) but the "
+                    f"trainer is configured for {processes} (trainer.devices={devices} x trainer.num_nodes="
+                    f"{cfg.trainer.get('num_nodes', 1)}); make them agree: trainer.devices={per_node} "
+                    f"trainer.num_nodes={max(1, launched // per_node)}, or torchrun --nproc-per-node={devices}"
+                )
+    ckpt_path = cfg.get("ckpt_path")
+    if (isinstance(ckpt_path, str) and ckpt_path not in ("last", "best", "hpc", "registry")
+            and "://" not in ckpt_path and not ckpt_path.startswith("registry:") and not os.path.exists(ckpt_path)):
+        raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: no such checkpoint file; pass the path of a .ckpt a "
+                                "previous run wrote (<run dir>/checkpoints/last.ckpt), or ckpt_path=null to start "
+                                "from scratch")
+
+
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, list]:
     """The data module, the task with its (converted) model, and the trainer plugins for ``cfg``."""
     task_type = task_of(cfg.model.name)  # an unknown model name fails here, listing the valid ones
+    check_config(cfg)
     for group in ("data", "trainer", "logger"):
         if cfg.get(group):
             check_target(cfg[group], group)
@@ -58,7 +102,9 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, li
         if node is not None:
             check_target(node, f"callbacks.{name}")
     norm, options = norm_settings(cfg.norm)
-    plugins = []
+    from gnlightning.lightning.checkpoint_io import AtomicCheckpointIO
+
+    plugins: list = [AtomicCheckpointIO()]  # last.ckpt is the old or the new one, never a torn file
     if norm == "syncbn":
         # BN is built, and SyncBatchNormPlugin synchronises it inside each DDP process (and reverts after fit).
         norm = "bn"
@@ -71,8 +117,9 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, li
     data = instantiate(cfg.data)
     model_options = dict(cfg.model.options)
     if "num_classes" in model_options:
-        raise ValueError("model.options.num_classes: the number of classes comes from the data "
-                         f"(data has {data.num_classes}); remove it from the model config")
+        raise ValueError(f"model.options.num_classes={model_options['num_classes']}: the number of classes comes from "
+                         f"the data (data has {data.num_classes}); remove it from the model config "
+                         "(~model.options.num_classes) and set the data's classes instead")
     model = build_model(cfg.model.name, data.num_classes, norm=norm, norm_options=options,
                         weights=cfg.model.weights, image_size=_detection_size(data) if task_type == "detection" else None,
                         **model_options)
@@ -130,9 +177,38 @@ def write_results(output_dir: Path, cfg: DictConfig, metrics: dict[str, float], 
     print(f"results: {output_dir / 'results.json'}")
 
 
+def remove_failed_run_dir(output_dir: Path) -> bool:
+    """Delete the output directory of a run that failed before writing anything of its own; True if deleted.
+
+    Why: Hydra creates the run directory, its ``.hydra/`` copies of the config and the job log before the task
+    starts, so a run refused for a bad setting would leave a directory that looks like a run but holds no results
+    (sweep summaries and "latest run" habits then pick it up). Only a directory holding nothing but those Hydra
+    files (and empty directories, e.g. a logger's) is removed; one with a checkpoint, metrics, results or anything
+    else is kept, and so is the current working directory or one of its parents.
+    """
+    if any(int(os.environ.get(name, 0)) for name in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "NODE_RANK")):
+        return False  # under DDP only the first process decides: another may be writing while this one failed
+    output_dir = output_dir.resolve()
+    if not output_dir.is_dir() or output_dir == Path.cwd().resolve() or output_dir in Path.cwd().resolve().parents:
+        return False
+    for path in output_dir.rglob("*"):
+        relative = path.relative_to(output_dir)
+        hydra_file = relative.parts[0] == ".hydra" or (len(relative.parts) == 1 and path.suffix == ".log")
+        if path.is_file() and not hydra_file:
+            return False
+    shutil.rmtree(output_dir, ignore_errors=True)
+    return True
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics = run(cfg)
+    try:
+        metrics = run(cfg)
+    except BaseException:
+        output_dir = Path(HydraConfig.get().runtime.output_dir)
+        if remove_failed_run_dir(output_dir):
+            log.info("removed %s: the run failed before writing anything but Hydra's own files", output_dir)
+        raise
     return metrics.get("val/mIoU", metrics.get("val/mAP"))  # for sweepers that optimise
 
 
