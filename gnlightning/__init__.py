@@ -1,8 +1,8 @@
 """gnlightning: normalization layers for training with 1-4 images per device.
 
 ``convert_norms`` and the layers need only PyTorch; the Lightning pieces (``NormSwap``, ``PreciseBN``,
-``NormAdvisor``, ``SyncBatchNormPlugin``) are imported on first use, so a user of ``convert_norms`` on a plain
-nn.Module never imports Lightning.
+``NormAdvisor``, ``SyncBatchNormPlugin``, ``AtomicCheckpointIO``) are imported on first use, so a user of
+``convert_norms`` on a plain nn.Module never imports Lightning.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ _LAZY = {
     "PreciseBN": "gnlightning.lightning.precise_bn",
     "NormAdvisor": "gnlightning.lightning.norm_advisor",
     "SyncBatchNormPlugin": "gnlightning.lightning.layer_sync",
+    "AtomicCheckpointIO": "gnlightning.lightning.checkpoint_io",
 }
 
 __all__ = [

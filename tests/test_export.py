@@ -55,3 +55,68 @@ def test_untraceable_detection_model_keeps_its_norms_and_matches():
         expected, got = model(images)[0], exported(images)[0]
     torch.testing.assert_close(got["boxes"], expected["boxes"], rtol=1e-4, atol=1e-4)
     assert not any(isinstance(m, WSConv2d) for m in exported.modules())
+
+
+# ---- torch.export and ONNX of a converted segmentation model ----
+
+EXPORT_NORMS = ["gn_ws", "syncbn", "bn"]
+
+
+@pytest.fixture(scope="module")
+def segmentation_models():
+    """norm -> (eval model, prepare_for_export copy); a small timm backbone keeps every export ~1 s."""
+    pytest.importorskip("timm")
+    from gnlightning.models import build_model
+
+    models = {}
+    for norm in EXPORT_NORMS:
+        torch.manual_seed(0)
+        model = randomized_stats(build_model("timm_segmentation", num_classes=4, norm=norm, backbone="resnet10t"))
+        model.eval()
+        models[norm] = (model, prepare_for_export(model))
+    return models
+
+
+@pytest.mark.parametrize("norm", EXPORT_NORMS)
+def test_torch_export_of_converted_segmentation_model(norm, segmentation_models):
+    model, prepared = segmentation_models[norm]
+    batch = torch.export.Dim("batch", min=1, max=8)
+    program = torch.export.export(prepared, (torch.randn(2, 3, 64, 64),), dynamic_shapes=({0: batch},))
+    ops = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    # WS folded into the weights: no per-call weight statistics left in the graph.
+    assert not any("var_mean" in op or "rsqrt" in op for op in ops), ops
+    if norm == "gn_ws":
+        assert any("group_norm" in op for op in ops), ops
+    else:  # (Sync)BN folded into the convolutions
+        assert not any("batch_norm" in op for op in ops), ops
+    exported = program.module()
+    for size in (2, 3):  # the traced batch size and another one (dynamic batch dimension)
+        x = torch.randn(size, 3, 64, 64)
+        with torch.no_grad():
+            torch.testing.assert_close(exported(x)["out"], model(x)["out"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["gn_ws", "bn"])  # syncbn's export form is bn's (reverted, then folded)
+def test_onnx_export_of_converted_segmentation_model(norm, segmentation_models, tmp_path):
+    """The dynamo-based exporter (torch.onnx.export(dynamo=True) needs onnx and onnxscript: the `onnx` extra);
+    outputs compared with onnxruntime when it is installed."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    import onnx
+
+    model, prepared = segmentation_models[norm]
+    path = tmp_path / f"{norm}.onnx"
+    x = torch.randn(2, 3, 64, 64)
+    torch.onnx.export(prepared, (x,), str(path), dynamo=True, verbose=False,
+                      dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=8)},))
+    graph = onnx.load(str(path)).graph
+    onnx.checker.check_model(str(path))
+    op_types = {node.op_type for node in graph.node}
+    assert "Conv" in op_types and "BatchNormalization" not in op_types, op_types
+    onnxruntime = pytest.importorskip("onnxruntime")
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for size in (2, 3):
+        x = torch.randn(size, 3, 64, 64)
+        (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(got), model(x)["out"], rtol=1e-4, atol=1e-5)

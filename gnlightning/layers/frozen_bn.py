@@ -31,6 +31,15 @@ class FrozenBatchNorm2d(torchvision.ops.FrozenBatchNorm2d):
         self._source_class: type | None = None
         self._source_momentum: float | None = 0.1
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # As torchvision's, except that the affine map is applied in the input's dtype: torchvision multiplies by a
+        # float32 scale, which promotes bf16/fp16 activations under autocast to float32 (twice the memory for every
+        # activation after a frozen layer). Scale and shift are still computed in the buffers' float32.
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return x * scale.to(x.dtype).reshape(shape) + shift.to(x.dtype).reshape(shape)
+
     @property
     def num_features(self) -> int:
         return self.weight.shape[0]
