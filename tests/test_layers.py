@@ -9,6 +9,7 @@ import torchvision
 from torch import nn
 
 from gnlightning import FrozenBatchNorm2d, WSConv2d
+from gnlightning.layers.ws_conv import _WSConv2dFunction
 from gnlightning.layers import create_norm, resolve_norm_name, resolve_num_groups
 
 
@@ -98,6 +99,64 @@ def test_ws_conv_matches_formula_and_timm(groups):
     conv(x).square().sum().backward()
     timm_conv(x).square().sum().backward()
     torch.testing.assert_close(conv.weight.grad, timm_conv.weight.grad, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("groups, stride, dilation, bias", [(1, 1, 1, True), (2, 2, 1, False), (4, 1, 2, True)])
+def test_ws_conv_training_gradients_equal_the_autograd_formula(groups, stride, dilation, bias):
+    """WSConv2d trains through one autograd node with a hand-written backward; compare it in float64 with plain
+    autograd through the textbook formula (input, weight and bias gradients), and with finite differences."""
+    torch.manual_seed(0)
+    conv = WSConv2d(8, 8, 3, padding=1, stride=stride, dilation=dilation, groups=groups, bias=bias).double()
+    with torch.no_grad():
+        conv.weight.mul_(3).add_(0.5)
+    x = torch.randn(2, 8, 9, 9, dtype=torch.double, requires_grad=True)
+    out = conv(x)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+
+    x_ref = x.detach().clone().requires_grad_()
+    w_ref = conv.weight.detach().clone().requires_grad_()
+    b_ref = conv.bias.detach().clone().requires_grad_() if bias else None
+    ref = F.conv2d(x_ref, ws_formula(w_ref, conv.eps), b_ref, stride, 1, dilation, groups)
+    ref.backward(grad)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(conv.weight.grad, w_ref.grad, rtol=1e-10, atol=1e-10)
+    if bias:
+        torch.testing.assert_close(conv.bias.grad, b_ref.grad, rtol=1e-10, atol=1e-10)
+
+    probe = torch.randn(1, 4, 5, 5, dtype=torch.double, requires_grad=True)
+    weight = torch.randn(6, 2, 3, 3, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda inp, w: _WSConv2dFunction.apply(inp, w, None, 1e-6, (stride,) * 2, (1, 1), (dilation,) * 2, 2),
+        (probe, weight))
+
+
+def _saved_bytes(module: torch.nn.Module, x: torch.Tensor) -> int:
+    """Bytes autograd keeps for backward beyond the module's own parameters (each storage counted once)."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        module(x).sum()
+    return sum(seen.values())
+
+
+def test_ws_conv_keeps_no_more_for_backward_than_a_plain_conv():
+    """Standardizing must not keep weight-sized copies alive until backward: what a WSConv2d step saves equals
+    what nn.Conv2d saves (its input) plus a mean and a scale per filter, at a size where one weight copy (2.4 MB)
+    would dwarf the input (8 KB)."""
+    conv = torch.nn.Conv2d(256, 256, 3, padding=1)
+    ws = WSConv2d.from_conv(conv)
+    x = torch.randn(2, 256, 2, 2, requires_grad=True)
+    assert _saved_bytes(conv, x) == x.numel() * 4
+    assert _saved_bytes(ws.train(), x) == x.numel() * 4 + 2 * 256 * 4
 
 
 def test_ws_statistics_in_float32_for_half_weights():
