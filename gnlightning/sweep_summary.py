@@ -64,15 +64,16 @@ def summarize(sweep_dir: str | Path, metric: str | None = None, out_dir: str | P
         import matplotlib.pyplot as plt
     except ImportError:
         return paths
-    figure, axis = plt.subplots(figsize=(5, 3.5))
+    figure, axis = plt.subplots(figsize=(6.4, 3.6))
     for norm, per_size in grouped.items():
         xs = sorted(per_size)
-        axis.plot(xs, [mean(per_size[x]) for x in xs], marker="o", label=norm)
+        spread = [stdev(per_size[x]) if len(per_size[x]) > 1 else 0.0 for x in xs]
+        axis.errorbar(xs, [mean(per_size[x]) for x in xs], yerr=spread, marker="o", capsize=3, label=norm)
     axis.set_xscale("log", base=2)
     axis.set_xticks(sizes, [str(s) for s in sizes])
     axis.set_xlabel("images per device")
     axis.set_ylabel(metric)
-    axis.legend()
+    axis.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)  # outside: lines cross a lot
     axis.grid(alpha=0.3)
     figure.tight_layout()
     paths["png"] = out / "summary.png"

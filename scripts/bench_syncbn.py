@@ -45,6 +45,8 @@ TARGET_RATIO = 1.15
 BASELINE = "nn.BatchNorm2d"
 SYNC = "gnlightning SyncBatchNorm"
 NO_COMM = "  same math, no collectives"
+# measure()'s key for each variant's median step time.
+RESULT_KEYS = {BASELINE: "bn_ms", SYNC: "syncbn_ms", NO_COMM: "no_comm_ms"}
 
 
 class _SyncBatchNormWithoutCollectives(SyncBatchNorm):
@@ -158,7 +160,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             for line in cpuinfo:
@@ -169,7 +171,7 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--world-size", type=int, default=2)
     parser.add_argument("--channels", type=int, nargs="+", default=[32, 64], help="conv widths to benchmark")
@@ -181,12 +183,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="steps per timed round")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin each rank to its own core")
-    args = parser.parse_args()
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
     if args.pin and not hasattr(os, "sched_setaffinity"):
         args.pin = False  # macOS / Windows: no affinity API
+    return args
 
-    # Other processes on the machine distort latency-bound timings far more than compute-bound ones: record it.
-    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+
+def measure(args: argparse.Namespace) -> dict[int, dict]:
+    """Run the benchmark in ``args.world_size`` spawned processes.
+
+    Returns, per width: the median step time in ms of each variant (``bn_ms``, ``syncbn_ms``, ``no_comm_ms``), the
+    idle all_reduce latency in microseconds (``latency_us``), and every round's step time in ms per variant
+    (``rounds_ms``, keyed by the variant's table label), all as seen by rank 0.
+    """
     context = mp.get_context("spawn")
     results = context.Queue()
     processes = mp.start_processes(
@@ -207,8 +220,25 @@ def main() -> None:
     while not processes.join():
         pass
     by_width = per_rank[0]  # DDP keeps ranks in lockstep; rank 0's clock is as good as any
+    summary = {}
+    for channels, (times, latency) in by_width.items():
+        rounds_ms = {name: [value * 1e3 for value in values] for name, values in times.items()}
+        summary[channels] = {
+            **{RESULT_KEYS[name]: statistics.median(values) for name, values in rounds_ms.items()},
+            "latency_us": latency * 1e6,
+            "rounds_ms": rounds_ms,
+        }
+    return summary
 
-    print(f"machine: {_cpu_name()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}")
+
+def main() -> None:
+    args = parse_args()
+
+    # Other processes on the machine distort latency-bound timings far more than compute-bound ones: record it.
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    by_width = measure(args)
+
+    print(f"machine: {cpu_name()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}")
     if load_before is not None:
         load_after = os.getloadavg()
         print(f"load average (1 min) before / after the run: {load_before[0]:.2f} / {load_after[0]:.2f}")
@@ -225,10 +255,11 @@ def main() -> None:
     print("| width | norm | step time (ms, median) | min / max round (ms) | ratio vs BN |")
     print("|---:|---|---:|---:|---:|")
     verdicts = []
-    for channels, (times, latency) in by_width.items():
-        medians = {name: statistics.median(values) * 1e3 for name, values in times.items()}
-        for name, values in times.items():
-            low, high = min(values) * 1e3, max(values) * 1e3
+    for channels, result in by_width.items():
+        medians = {name: result[key] for name, key in RESULT_KEYS.items()}
+        latency = result["latency_us"] / 1e6
+        for name, values in result["rounds_ms"].items():
+            low, high = min(values), max(values)
             print(
                 f"| {channels} | {name} | {medians[name]:.2f} | {low:.2f} / {high:.2f} | "
                 f"{medians[name] / medians[BASELINE]:.3f}x |"

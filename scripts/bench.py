@@ -1,0 +1,701 @@
+#!/usr/bin/env python
+"""gnlightning's performance targets (GitHub issue #7), measured in one run and reported as one table of ratios.
+
+Why: every norm the package offers comes with a cost claim -- Weight Standardization is nearly free, SyncBN's
+synchronization is cheap, convert_norms is instant next to building the model, GN+WS barely adds memory. Absolute
+times mean little from one machine to the next, so each number here is a ratio of variants measured side by side
+in the same run: a section times its variants in interleaved rounds (the order rotating from round to round, so
+machine noise and frequency drift hit them alike) and reports medians over rounds.
+
+Sections (``--only`` picks some; all run by default):
+
+* ws: ``WSConv2d`` vs ``nn.Conv2d`` vs timm's ``StdConv2d`` on ResNet-50 layer shapes at batch 2: forward +
+  backward in train mode, forward under no_grad in eval mode, per shape and summed over shapes. The three compute
+  the same output (checked before timing): the same weight and eps, the plain conv holding the weight already
+  standardized. Targets: WS <= 1.05x Conv2d training, <= 1.01x eval, WS / timm <= 1.0x.
+* syncbn: SyncBatchNorm vs BatchNorm training step under 2-process DDP on CPU (gloo), measured by
+  ``bench_syncbn.py`` (see there). Target <= 1.15x.
+* norms: training step (forward, backward, SGD) of a segmentation model at batch 2 with each norm vs BN, NCHW and
+  channels_last. No targets: the price of each norm, for reference.
+* convert: ``convert_norms`` time vs building torchvision's Mask R-CNN R50-FPN v2 (a fresh model each time).
+  Target < 5% (0.05x).
+* memory: memory of one training step of the segmentation model with each norm vs BN (see ``step_memory`` for
+  what is counted on CPU). Targets: GN+WS <= 1.10x GN, FrozenBN < BN.
+
+Output: the markdown report on stdout and in ``<out>/bench.md``; ``<out>/bench.json`` holds the raw medians, the
+ratios, targets, pass / fail and the machine. A missed target shows as MISS, but the exit code stays 0: this is a
+report, not a test. The default run takes about 5 minutes on 2 cores and wants an otherwise idle machine (the load
+average is recorded); ``--quick`` shrinks every section to smoke-test size (its numbers mean nothing).
+
+Usage:  python scripts/bench.py [--only ws convert ...] [--threads N] [--out docs/bench] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from itertools import chain
+from pathlib import Path
+from typing import Callable, TypeVar
+
+import torch
+import torchvision
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from gnlightning import WSConv2d, convert_norms
+from gnlightning.layers.ws_conv import standardize_weight
+from gnlightning.models.builders import SEGMENTATION_MODELS, build_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_syncbn  # noqa: E402  (the sibling script, whose measurement is reused as is)
+
+SECTIONS = ("ws", "syncbn", "norms", "convert", "memory")
+# Interleaved rounds per timed section: many for cheap conv layers, few for whole-model training steps.
+DEFAULT_ROUNDS = {"ws": 15, "syncbn": 10, "norms": 5}
+QUICK_ROUNDS = 2
+DEFAULT_REPEATS = 7
+BATCH = 2
+NUM_CLASSES = 4
+SEG_NORMS = ("bn", "frozen_bn", "gn", "gn_ws", "ln", "in")  # syncbn on one process is plain BN
+CONVERSIONS = ("gn_ws", "gn", "syncbn")
+WS_EPS = 1e-6  # WSConv2d's default; passed to timm's StdConv2d too so that both compute the same function
+
+T = TypeVar("T")
+
+
+# ----------------------------------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class Target:
+    op: str  # "<=" or "<"
+    value: float
+
+    def met(self, ratio: float) -> bool:
+        return ratio <= self.value if self.op == "<=" else ratio < self.value
+
+    def __str__(self) -> str:
+        return f"{self.op} {self.value:g}x"
+
+
+@dataclass
+class Ratio:
+    section: str
+    case: str
+    ratio: float
+    target: Target | None = None
+
+    @property
+    def passed(self) -> bool | None:
+        return None if self.target is None else self.target.met(self.ratio)
+
+    def to_json(self) -> dict:
+        return {"section": self.section, "case": self.case, "ratio": self.ratio,
+                "target": None if self.target is None else str(self.target), "passed": self.passed}
+
+
+@dataclass
+class Section:
+    name: str
+    ratios: list[Ratio] = field(default_factory=list)
+    details: list[str] = field(default_factory=list)  # markdown lines
+    raw: dict = field(default_factory=dict)  # medians and counts, JSON-ready
+
+    def add(self, case: str, ratio: float, target: Target | None = None) -> None:
+        self.ratios.append(Ratio(self.name, case, ratio, target))
+
+
+def markdown_table(header: list[str], rows: list[list[str]], align: str) -> list[str]:
+    """``align``: one character per column, ``l`` or ``r``."""
+    rule = ["---:" if a == "r" else "---" for a in align]
+    return [f"| {' | '.join(cells)} |" for cells in (header, rule, *rows)]
+
+
+def _log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------------ timing
+
+
+def time_interleaved(
+    steps: dict[str, Callable[[], object]], rounds: int, steps_per_round: int = 1, warmup: int = 1
+) -> dict[str, float]:
+    """Median over ``rounds`` of the mean ms per call of each variant.
+
+    Every round runs every variant; the order rotates from round to round, so no variant always runs first or
+    always follows the same one."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    names = list(steps)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            for _ in range(steps_per_round):
+                steps[name]()
+            times[name].append((time.perf_counter() - start) / steps_per_round * 1e3)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def timed(function: Callable[[], T]) -> tuple[T, float]:
+    """``function()``'s result and its wall time in ms."""
+    start = time.perf_counter()
+    result = function()
+    return result, (time.perf_counter() - start) * 1e3
+
+
+def _rounds(args: argparse.Namespace, section: str) -> int:
+    return args.rounds or (QUICK_ROUNDS if args.quick else DEFAULT_ROUNDS[section])
+
+
+# ---------------------------------------------------------------------------------------------------------- ws
+
+
+@dataclass(frozen=True)
+class ConvShape:
+    in_channels: int
+    out_channels: int
+    kernel: int
+    stride: int
+    size: int  # input height and width
+
+    def __str__(self) -> str:
+        stride = f" s{self.stride}" if self.stride > 1 else ""
+        return f"{self.kernel}x{self.kernel} {self.in_channels}->{self.out_channels}{stride} @{self.size}"
+
+
+RESNET50_CONVS = (
+    ConvShape(3, 64, 7, 2, 224),  # stem
+    ConvShape(64, 64, 3, 1, 56),
+    ConvShape(256, 64, 1, 1, 56),
+    ConvShape(128, 128, 3, 1, 28),
+    ConvShape(256, 256, 3, 1, 14),
+    ConvShape(1024, 256, 1, 1, 14),
+    ConvShape(512, 512, 3, 1, 7),
+)
+QUICK_CONVS = (ConvShape(3, 8, 7, 2, 32), ConvShape(16, 16, 3, 1, 8))
+CONV, WS, TIMM = "Conv2d", "WSConv2d", "timm StdConv2d"
+
+
+def _std_conv_class() -> type[nn.Conv2d] | None:
+    try:
+        from timm.layers import StdConv2d
+    except ImportError:
+        return None
+    return StdConv2d
+
+
+def ws_convs(shape: ConvShape) -> dict[str, nn.Conv2d]:
+    """The variants for one shape, all computing the same function: WSConv2d and StdConv2d standardize the same
+    weight with the same eps; the plain Conv2d holds that weight already standardized."""
+    geometry = {"kernel_size": shape.kernel, "stride": shape.stride, "padding": shape.kernel // 2, "bias": False}
+    torch.manual_seed(0)
+    ws = WSConv2d(shape.in_channels, shape.out_channels, eps=WS_EPS, **geometry)
+    conv = nn.Conv2d(shape.in_channels, shape.out_channels, **geometry)
+    with torch.no_grad():
+        conv.weight.copy_(standardize_weight(ws.weight, WS_EPS))
+    convs = {CONV: conv, WS: ws}
+    std_conv = _std_conv_class()
+    if std_conv is not None:
+        convs[TIMM] = std_conv(shape.in_channels, shape.out_channels, eps=WS_EPS, **geometry)
+        convs[TIMM].load_state_dict(ws.state_dict())
+    return convs
+
+
+def _assert_same_output(convs: dict[str, nn.Conv2d], x: Tensor) -> None:
+    """Time equal work only: every variant must compute the plain conv's output."""
+    with torch.no_grad():
+        outputs = {name: conv(x) for name, conv in convs.items()}
+    reference = outputs[CONV]
+    atol = 1e-4 * reference.abs().max().item()
+    for name, output in outputs.items():
+        torch.testing.assert_close(output, reference, rtol=1e-4, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def _conv_train_step(conv: nn.Conv2d, x: Tensor, grad_output: Tensor) -> Callable[[], None]:
+    def step() -> None:
+        conv.weight.grad = x.grad = None
+        conv(x).backward(grad_output)
+
+    return step
+
+
+def _conv_eval_step(conv: nn.Conv2d, x: Tensor) -> Callable[[], None]:
+    def step() -> None:
+        with torch.no_grad():
+            conv(x)
+
+    return step
+
+
+def _time_shape(shape: ConvShape, rounds: int, steps_per_round: int) -> dict[str, dict[str, float]]:
+    convs = ws_convs(shape)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(BATCH, shape.in_channels, shape.size, shape.size, generator=generator)
+    x.requires_grad_(shape.in_channels != 3)  # every layer but the stem passes a gradient back to its input
+    with torch.no_grad():
+        grad_output = torch.randn(convs[CONV](x).shape, generator=generator)
+    medians = {}
+    for mode in ("train", "eval"):
+        for conv in convs.values():
+            conv.train(mode == "train")
+        _assert_same_output(convs, x)
+        if mode == "train":
+            steps = {name: _conv_train_step(conv, x, grad_output) for name, conv in convs.items()}
+        else:
+            steps = {name: _conv_eval_step(conv, x) for name, conv in convs.items()}
+        medians[mode] = time_interleaved(steps, rounds, steps_per_round, warmup=2)
+    return medians
+
+
+def bench_ws(args: argparse.Namespace) -> Section:
+    section = Section("ws")
+    shapes = QUICK_CONVS if args.quick else RESNET50_CONVS
+    rounds, steps_per_round = _rounds(args, "ws"), 1 if args.quick else 3
+    per_shape = {}
+    for shape in shapes:
+        _log(f"ws: {shape}")
+        per_shape[str(shape)] = _time_shape(shape, rounds, steps_per_round)
+    variants = list(next(iter(per_shape.values()))["train"])
+    total = f"sum over {len(shapes)} shapes"
+    per_shape[total] = {
+        mode: {name: sum(medians[mode][name] for medians in per_shape.values()) for name in variants}
+        for mode in ("train", "eval")
+    }
+    section.raw = {"ms": per_shape, "rounds": rounds, "steps_per_round": steps_per_round, "batch": BATCH}
+
+    labels = {"train": "train (forward + backward)", "eval": "eval (no_grad forward)"}
+    for mode, target in (("train", 1.05), ("eval", 1.01)):
+        medians = per_shape[total][mode]
+        section.add(f"{labels[mode]}: WSConv2d / Conv2d, {total}", medians[WS] / medians[CONV], Target("<=", target))
+        if TIMM in medians:
+            section.add(f"{labels[mode]}: WSConv2d / timm StdConv2d, {total}", medians[WS] / medians[TIMM],
+                        Target("<=", 1.0))
+
+    header = ["shape", "mode", *(f"{name} (ms)" for name in variants), "WS / Conv2d"]
+    header += ["WS / timm"] if TIMM in variants else []
+    rows = []
+    for shape, by_mode in per_shape.items():
+        for mode, medians in by_mode.items():
+            row = [shape, mode, *(f"{medians[name]:.2f}" for name in variants), f"{medians[WS] / medians[CONV]:.3f}x"]
+            row += [f"{medians[WS] / medians[TIMM]:.3f}x"] if TIMM in medians else []
+            rows.append(row)
+    section.details = [
+        (f"Batch {BATCH}, eps {WS_EPS:g}, median of {rounds} interleaved rounds x {steps_per_round} calls; "
+         "outputs checked equal before timing (the plain Conv2d holds the standardized weight)."),
+        "",
+        *markdown_table(header, rows, "ll" + "r" * (len(header) - 2)),
+    ]
+    if TIMM not in variants:
+        section.details.append("\ntimm is not installed: no StdConv2d column and no WS / timm target.")
+    return section
+
+
+# ------------------------------------------------------------------------------------------------------ syncbn
+
+
+def bench_syncbn_section(args: argparse.Namespace) -> Section:
+    section = Section("syncbn")
+    rounds = _rounds(args, "syncbn")
+    argv = ["--channels", *map(str, args.syncbn_widths), "--rounds", str(rounds)]
+    if args.quick:
+        argv += ["--steps", "1", "--warmup", "1", "--blocks", "2", "--size", "16"]
+    else:
+        argv += ["--steps", "3", "--warmup", "3"]
+    syncbn_args = bench_syncbn.parse_args(argv)
+    _log(f"syncbn: widths {' '.join(map(str, args.syncbn_widths))}, {syncbn_args.world_size} processes")
+    results = bench_syncbn.measure(syncbn_args)
+    section.raw = {
+        "by_width": {
+            width: {key: value for key, value in result.items() if key != "rounds_ms"}
+            for width, result in results.items()
+        },
+        "settings": {
+            key: vars(syncbn_args)[key]
+            for key in ("world_size", "blocks", "batch", "size", "warmup", "rounds", "steps", "pin")
+        },
+    }
+    rows = []
+    for width, result in results.items():
+        ratio = result["syncbn_ms"] / result["bn_ms"]
+        section.add(f"width {width}: SyncBatchNorm / BatchNorm training step", ratio,
+                    Target("<=", bench_syncbn.TARGET_RATIO))
+        rows.append([str(width), f"{result['bn_ms']:.2f}", f"{result['syncbn_ms']:.2f}", f"{result['no_comm_ms']:.2f}",
+                     f"{result['latency_us']:.0f}", f"{ratio:.3f}x", f"{result['no_comm_ms'] / result['bn_ms']:.3f}x"])
+    section.details = [
+        (f"{syncbn_args.world_size} DDP processes x 1 thread (gloo), "
+         f"{'each pinned to its own core' if syncbn_args.pin else 'not pinned'}; {syncbn_args.blocks} x [conv3x3, "
+         f"norm, ReLU] + pool + linear, batch {syncbn_args.batch}/rank, {syncbn_args.size}x{syncbn_args.size}; "
+         f"median of {rounds} interleaved rounds x {syncbn_args.steps} steps. \"No collectives\" runs SyncBN's code "
+         "path over a group of one rank. Details: `python scripts/bench_syncbn.py --help`."),
+        "",
+        *markdown_table(
+            ["width", "BN (ms)", "SyncBN (ms)", "no collectives (ms)", "all_reduce latency (us)", "SyncBN / BN",
+             "no collectives / BN"],
+            rows, "rrrrrrr",
+        ),
+    ]
+    return section
+
+
+# -------------------------------------------------------------------------------------- segmentation model
+
+
+def segmentation_model(args: argparse.Namespace, norm: str) -> nn.Module:
+    torch.manual_seed(0)
+    return build_model(args.seg_model, num_classes=NUM_CLASSES, norm=norm, weights=None).train()
+
+
+def segmentation_batch(args: argparse.Namespace) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(BATCH, 3, args.seg_size, args.seg_size, generator=generator)
+    labels = torch.randint(0, NUM_CLASSES, (BATCH, args.seg_size, args.seg_size), generator=generator)
+    return images, labels
+
+
+def segmentation_loss(model: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
+    logits = model(images)
+    if isinstance(logits, dict):  # torchvision's segmentation models return {"out": ..., ["aux": ...]}
+        logits = logits["out"]
+    return F.cross_entropy(logits, labels)
+
+
+def _seg_train_step(model: nn.Module, images: Tensor, labels: Tensor) -> Callable[[], None]:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step() -> None:
+        segmentation_loss(model, images, labels).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _seg_description(args: argparse.Namespace) -> str:
+    return f"`{args.seg_model}`, {NUM_CLASSES} classes, batch {BATCH}, {args.seg_size}x{args.seg_size}"
+
+
+# ------------------------------------------------------------------------------------------------------- norms
+
+
+def bench_norms(args: argparse.Namespace) -> Section:
+    section = Section("norms")
+    rounds = _rounds(args, "norms")
+    _log(f"norms: building {len(SEG_NORMS)} x {args.seg_model}")
+    models = {norm: segmentation_model(args, norm) for norm in SEG_NORMS}
+    images, labels = segmentation_batch(args)
+    medians = {}
+    for layout, memory_format in (("NCHW", torch.contiguous_format), ("channels_last", torch.channels_last)):
+        _log(f"norms: {layout}, {rounds} rounds")
+        x = images.contiguous(memory_format=memory_format)
+        steps = {norm: _seg_train_step(model.to(memory_format=memory_format), x, labels)
+                 for norm, model in models.items()}
+        medians[layout] = time_interleaved(steps, rounds, steps_per_round=1, warmup=1)
+        for norm in SEG_NORMS[1:]:
+            section.add(f"{norm} / bn training step, {layout}", medians[layout][norm] / medians[layout]["bn"])
+    section.raw = {"ms": medians, "rounds": rounds, "model": args.seg_model, "size": args.seg_size, "batch": BATCH}
+
+    rows = [
+        [norm, *chain.from_iterable((f"{ms[norm]:.1f}", f"{ms[norm] / ms['bn']:.3f}x") for ms in medians.values())]
+        for norm in SEG_NORMS
+    ]
+    section.details = [
+        (f"Training step (forward, cross-entropy, backward, SGD with momentum) of {_seg_description(args)}; "
+         f"median of {rounds} interleaved rounds; torch threads: {torch.get_num_threads()}."),
+        "",
+        *markdown_table(["norm", "NCHW (ms)", "vs bn", "channels_last (ms)", "vs bn"], rows, "lrrrr"),
+    ]
+    return section
+
+
+# ----------------------------------------------------------------------------------------------------- convert
+
+
+def _mask_rcnn() -> nn.Module:
+    return torchvision.models.detection.maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None)
+
+
+def bench_convert(args: argparse.Namespace) -> Section:
+    section = Section("convert")
+    repeats = args.repeats or (1 if args.quick else DEFAULT_REPEATS)
+    build_ms: list[float] = []
+    convert_ms: dict[str, list[float]] = {norm: [] for norm in CONVERSIONS}
+    _log(f"convert: {repeats} x {len(CONVERSIONS)} Mask R-CNN builds")
+    for repeat in range(repeats):
+        shift = repeat % len(CONVERSIONS)
+        for norm in CONVERSIONS[shift:] + CONVERSIONS[:shift]:
+            gc.collect()  # keep the previous model's collection out of the timings
+            torch.manual_seed(0)
+            model, milliseconds = timed(_mask_rcnn)
+            build_ms.append(milliseconds)
+            _, milliseconds = timed(functools.partial(convert_norms, model, norm))
+            convert_ms[norm].append(milliseconds)
+            del model
+    build = statistics.median(build_ms)
+    converts = {norm: statistics.median(values) for norm, values in convert_ms.items()}
+    for norm, milliseconds in converts.items():
+        section.add(f"convert_norms(model, {norm!r}) / building the model", milliseconds / build, Target("<", 0.05))
+    section.raw = {"build_ms": build, "convert_ms": converts, "repeats": repeats}
+    section.details = [
+        (f"torchvision `maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None)`, a fresh model for every "
+         f"conversion; medians of {repeats} x {len(CONVERSIONS)} builds and {repeats} conversions each."),
+        "",
+        *markdown_table(
+            ["step", "median (ms)", "vs build"],
+            [["build the model", f"{build:.1f}", "1.000x"]]
+            + [[f"convert_norms(model, {norm!r})", f"{ms:.1f}", f"{ms / build:.3f}x"] for norm, ms in converts.items()],
+            "lrr",
+        ),
+    ]
+    return section
+
+
+# ------------------------------------------------------------------------------------------------------ memory
+
+
+@dataclass
+class StepMemory:
+    """Bytes one training step holds (see ``step_memory``)."""
+
+    saved: int  # distinct storages autograd keeps for backward, parameters and buffers excluded
+    parameters: int
+    gradients: int
+    buffers: int
+
+    @property
+    def total(self) -> int:
+        return self.saved + self.parameters + self.gradients + self.buffers
+
+
+def _storage(tensor: Tensor) -> tuple[int, int]:
+    storage = tensor.untyped_storage()
+    return storage.data_ptr(), storage.nbytes()
+
+
+def step_memory(model: nn.Module, loss: Callable[[], Tensor]) -> StepMemory:
+    """What one training step of ``model`` (forward via ``loss()``, then backward) holds at its peak, by count.
+
+    CPU allocators keep no peak counter, so instead of a peak this counts what the norm layer changes: the tensors
+    autograd saves for backward (the activations alive when backward starts; each underlying storage counted once,
+    since views, in-place results and a tensor saved by two ops share one), plus parameters, their gradients and
+    buffers. Storages of parameters and buffers are counted as such, not as saved activations. Short-lived
+    temporaries of the forward pass and optimizer state are not counted.
+    """
+    persistent = {_storage(tensor)[0] for tensor in chain(model.parameters(), model.buffers())}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: Tensor) -> Tensor:
+        pointer, nbytes = _storage(tensor)
+        if pointer not in persistent:
+            saved[pointer] = max(nbytes, saved.get(pointer, 0))
+        return tensor
+
+    model.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        result = loss()
+    result.backward()
+    parameters = list(model.parameters())
+    memory = StepMemory(
+        saved=sum(saved.values()),
+        parameters=sum(parameter.nbytes for parameter in parameters),
+        gradients=sum(parameter.grad.nbytes for parameter in parameters if parameter.grad is not None),
+        buffers=sum(buffer.nbytes for buffer in model.buffers()),
+    )
+    model.zero_grad(set_to_none=True)
+    return memory
+
+
+def cuda_peak_bytes(model: nn.Module, loss: Callable[[], Tensor]) -> int:
+    """torch.cuda.max_memory_allocated over one forward + backward, after an unmeasured warm-up step."""
+    loss().backward()
+    model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    loss().backward()
+    torch.cuda.synchronize()
+    model.zero_grad(set_to_none=True)
+    return torch.cuda.max_memory_allocated()
+
+
+def bench_memory(args: argparse.Namespace) -> Section:
+    section = Section("memory")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    images, labels = (tensor.to(device) for tensor in segmentation_batch(args))
+    raw: dict[str, dict[str, int]] = {}
+    for norm in SEG_NORMS:
+        _log(f"memory: {norm}")
+        model = segmentation_model(args, norm).to(device)
+        loss = functools.partial(segmentation_loss, model, images, labels)
+        if device.type == "cuda":
+            raw[norm] = {"total": cuda_peak_bytes(model, loss)}
+        else:
+            memory = step_memory(model, loss)
+            raw[norm] = {**asdict(memory), "total": memory.total}
+        del model
+        gc.collect()
+    totals = {norm: counts["total"] for norm, counts in raw.items()}
+    section.add("gn_ws / gn", totals["gn_ws"] / totals["gn"], Target("<=", 1.10))
+    for norm in SEG_NORMS[1:]:
+        section.add(f"{norm} / bn", totals[norm] / totals["bn"], Target("<", 1.0) if norm == "frozen_bn" else None)
+    section.raw = {"bytes": raw, "device": device.type, "model": args.seg_model, "size": args.seg_size}
+
+    if device.type == "cuda":
+        method = "peak of torch.cuda.max_memory_allocated over forward + backward"
+        header, keys = ["norm", "peak (MB)", "vs bn"], ["total"]
+    else:
+        method = ("CPU: bytes autograd saves for backward (distinct storages) + parameters + gradients + buffers, "
+                  "counted with saved_tensors_hooks; the CPU allocator has no peak counter")
+        header, keys = ["norm", "saved (MB)", "params (MB)", "grads (MB)", "buffers (MB)", "total (MB)", "vs bn"], [
+            "saved", "parameters", "gradients", "buffers", "total"]
+    rows = [[norm, *(f"{raw[norm][key] / 2**20:.1f}" for key in keys), f"{totals[norm] / totals['bn']:.3f}x"]
+            for norm in SEG_NORMS]
+    section.details = [
+        f"One training step of {_seg_description(args)}; {method}.",
+        "",
+        *markdown_table(header, rows, "l" + "r" * (len(header) - 1)),
+    ]
+    if device.type == "cpu":
+        extra = raw["gn_ws"]["saved"] - raw["gn"]["saved"]
+        section.details.append(
+            f"\ngn_ws saves {extra / 2**20:.1f} MB more than gn for backward, {extra / raw['gn']['parameters']:.2f}x "
+            "the parameter bytes: tensors of the weight standardization, which do not grow with the input."
+        )
+    return section
+
+
+BENCHES: dict[str, Callable[[argparse.Namespace], Section]] = {
+    "ws": bench_ws, "syncbn": bench_syncbn_section, "norms": bench_norms, "convert": bench_convert,
+    "memory": bench_memory,
+}
+
+
+# ------------------------------------------------------------------------------------------------------ report
+
+
+def machine_info() -> dict:
+    return {
+        "cpu": bench_syncbn.cpu_name(),
+        "logical_cpus": os.cpu_count(),
+        "system": f"{platform.system()} {platform.release()}",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+def _load() -> float | None:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def render(command: str, machine: dict, load: tuple[float | None, float | None], sections: list[Section],
+           quick: bool) -> str:
+    ratios = [ratio for section in sections for ratio in section.ratios]
+    targeted = [ratio for ratio in ratios if ratio.target is not None]
+    misses = [ratio for ratio in targeted if not ratio.passed]
+    lines = ["# gnlightning benchmark (issue #7)", "", f"`{command}`", ""]
+    lines.append(
+        f"Machine: {machine['cpu']}, {machine['logical_cpus']} logical CPUs, {machine['system']}; torch "
+        f"{machine['torch']} with {machine['threads']} threads (torch.get_num_threads()); python {machine['python']}"
+        + (f"; CUDA device {machine['cuda']}" if machine["cuda"] else "") + "."
+    )
+    if load[0] is not None:
+        lines.append(f"Load average (1 min) before / after the run: {load[0]:.2f} / {load[1]:.2f}.")
+    if quick:
+        lines.append("**--quick: smoke-test sizes; these numbers mean nothing.**")
+    lines.append("")
+    verdicts = {None: "info", True: "pass", False: "**MISS**"}
+    lines += markdown_table(
+        ["section", "case", "ratio", "target", "result"],
+        [[r.section, r.case, f"{r.ratio:.3f}x", str(r.target) if r.target else "-", verdicts[r.passed]]
+         for r in ratios],
+        "llrll",
+    )
+    lines.append("")
+    if misses:
+        lines.append(f"**MISSES: {len(misses)} of {len(targeted)} targets missed:** " + "; ".join(
+            f"{r.section}: {r.case} = {r.ratio:.3f}x (target {r.target})" for r in misses) + ".")
+    elif targeted:
+        lines.append(f"All {len(targeted)} targets met.")
+    else:
+        lines.append("No targets in the sections run.")
+    lines += ["", "## Details"]
+    for section in sections:
+        lines += ["", f"### {section.name}", "", *section.details]
+    return "\n".join(lines) + "\n"
+
+
+def report_json(command: str, machine: dict, load: tuple, sections: list[Section], args: argparse.Namespace) -> dict:
+    ratios = [ratio.to_json() for section in sections for ratio in section.ratios]
+    return {
+        "command": command,
+        "machine": {**machine, "load_1min_before": load[0], "load_1min_after": load[1]},
+        "settings": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
+        "ratios": ratios,
+        "misses": [ratio for ratio in ratios if ratio["passed"] is False],
+        "sections": {section.name: section.raw for section in sections},
+    }
+
+
+def _usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), metavar="SECTION",
+                        help=f"sections to run (default all): {' '.join(SECTIONS)}")
+    parser.add_argument("--quick", action="store_true", help="smoke-test sizes; the numbers mean nothing")
+    parser.add_argument("--threads", type=int, default=_usable_cores(),
+                        help="torch threads (default: every usable core); syncbn runs 1 per process regardless")
+    parser.add_argument("--rounds", type=int, help="interleaved timing rounds in every timed section (default: "
+                        + ", ".join(f"{name} {count}" for name, count in DEFAULT_ROUNDS.items())
+                        + f"; {QUICK_ROUNDS} with --quick)")
+    parser.add_argument("--repeats", type=int,
+                        help=f"model builds per conversion in convert (default {DEFAULT_REPEATS}; 1 with --quick)")
+    parser.add_argument("--syncbn-widths", type=int, nargs="+", metavar="WIDTH",
+                        help="conv widths in syncbn (default 32 64 128; 8 with --quick)")
+    parser.add_argument("--seg-model", default="deeplabv3_resnet50", choices=SEGMENTATION_MODELS, metavar="MODEL",
+                        help="segmentation model of norms and memory (default deeplabv3_resnet50), one of: "
+                        + ", ".join(SEGMENTATION_MODELS))
+    parser.add_argument("--seg-size", type=int, metavar="SIZE", help="its input height and width (default 128; 32 with --quick)")
+    parser.add_argument("--out", type=Path, default=Path("docs/bench"), help="writes bench.md and bench.json here")
+    args = parser.parse_args(argv)
+    args.syncbn_widths = args.syncbn_widths or ([8] if args.quick else [32, 64, 128])
+    args.seg_size = args.seg_size or (32 if args.quick else 128)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    command = " ".join(["python scripts/bench.py", *(sys.argv[1:] if argv is None else argv)])
+    load_before = _load()
+    started = time.perf_counter()
+    sections = [BENCHES[name](args) for name in SECTIONS if name in args.only]
+    _log(f"done in {time.perf_counter() - started:.0f} s")
+    load = (load_before, _load())
+    machine = machine_info()
+
+    markdown = render(command, machine, load, sections, args.quick)
+    print(markdown, end="")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench.md").write_text(markdown)
+    data = report_json(command, machine, load, sections, args)
+    (args.out / "bench.json").write_text(json.dumps(data, indent=2, allow_nan=True) + "\n")
+
+
+if __name__ == "__main__":
+    main()
