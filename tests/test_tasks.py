@@ -105,3 +105,28 @@ def test_hub_weights_offline_fail_fast(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # and nothing cached
     with pytest.raises(RuntimeError, match="local path"):
         build_model("fcn_resnet50", 3, weights="DEFAULT")
+
+
+@pytest.mark.parametrize("namespace", ["lightning.pytorch", "pytorch_lightning"])
+def test_tasks_and_data_modules_train_under_either_lightning_package(namespace, tmp_path):
+    """gnlightning.tasks / gnlightning.data for lightning.pytorch, gnlightning.pl for pytorch_lightning: the same
+    logic, each accepted by its own package's Trainer, with the data module's resume state in the checkpoint."""
+    import importlib
+
+    L = importlib.import_module(namespace)
+    if namespace == "pytorch_lightning":
+        from gnlightning.pl import SegmentationTask as Task, ShapesDataModule as Data
+    else:
+        from gnlightning.data import ShapesDataModule as Data
+        from gnlightning.tasks import SegmentationTask as Task
+    assert issubclass(Task, L.LightningModule) and issubclass(Data, L.LightningDataModule)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    data = Data(num_train=12, num_val=4, num_test=4, image_size=16, batch_size=4)
+    checkpoint = L.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0, every_n_train_steps=2)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, callbacks=[checkpoint],
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(Task(model, num_classes=4), datamodule=data)
+    assert trainer.global_step == 2 and "val/mIoU" not in trainer.callback_metrics  # stopped mid-epoch 0
+    state = torch.load(tmp_path / "last.ckpt", weights_only=False)[type(data).__qualname__]
+    assert state["epoch"] == 0 and state["batches"] == 2

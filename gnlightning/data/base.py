@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import lightning.pytorch as L
-from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from gnlightning.data.sampler import ResumableSampler
@@ -16,7 +14,7 @@ from gnlightning.data.transforms import collate_fn_for
 __all__ = ["SplitDataModule"]
 
 
-class SplitDataModule(L.LightningDataModule):
+class SplitDataModule:
     """Subclasses set ``task``, ``batch_size``, ``num_workers`` and the ``pin_memory`` / ``drop_last``
     hyper-parameters, and build a split's dataset in ``dataset(split)`` (cached by the subclass).
 
@@ -76,7 +74,7 @@ class SplitDataModule(L.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         """Where training stands: saved in every checkpoint, read back by :meth:`load_state_dict` on resume."""
         trainer = self.trainer
-        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+        if trainer is None or trainer.state.fn != "fit":  # TrainerFn of either package is a str enum
             return {}
         progress = trainer.fit_loop.epoch_loop.batch_progress.current
         # "processed": batches whose training step ran, also while callbacks save at the end of that step (the

@@ -25,10 +25,12 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import datasets, tv_tensors
 
+import lightning.pytorch as L
+
 from gnlightning.data.base import SplitDataModule
 from gnlightning.data.transforms import IGNORE_INDEX, build_transforms, check_task
 
-__all__ = ["COCODataModule", "COCOSplit", "load_coco_annotations", "require_pycocotools"]
+__all__ = ["COCOLogic", "COCODataModule", "COCOSplit", "load_coco_annotations", "require_pycocotools"]
 
 _MAX_REPORTED_PROBLEMS = 5
 # The way out of a missing or misplaced data set, appended to every layout message.
@@ -219,7 +221,7 @@ def _rasterize(masks: torch.Tensor, labels: torch.Tensor, crowd: torch.Tensor, h
     return semantic
 
 
-class COCODataModule(SplitDataModule):
+class COCOLogic(SplitDataModule):
     """A COCO-format dataset: ``root/train_ann`` + ``root/train_images``, ``root/val_ann`` + ``root/val_images``.
 
     Paths may also be absolute. Default layout (what ``scripts/write_shapes_dataset.py --layout coco`` writes)::
@@ -376,3 +378,7 @@ class COCODataModule(SplitDataModule):
                 raise FileNotFoundError(f"image {first} (listed in {self._path(self._files[split][0])}) not found"
                                         f"{self.layout_hint()}")
         return image_dir
+
+
+class COCODataModule(COCOLogic, L.LightningDataModule):
+    __doc__ = COCOLogic.__doc__  # a lightning.pytorch LightningDataModule; gnlightning.pl has the other one

@@ -23,10 +23,12 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+import lightning.pytorch as L
+
 from gnlightning.data.base import SplitDataModule
 from gnlightning.data.transforms import build_transforms, check_task, to_size
 
-__all__ = ["SHAPE_KINDS", "ShapesDataset", "ShapesDataModule", "sample_seed", "split_seed"]
+__all__ = ["SHAPE_KINDS", "ShapesDataset", "ShapesLogic", "ShapesDataModule", "sample_seed", "split_seed"]
 
 #: Shape kinds in label order: label ``k`` (1-based) is ``SHAPE_KINDS[k - 1]``; ``num_classes - 1`` of them are used.
 SHAPE_KINDS = ("circle", "rectangle", "triangle", "ring", "cross")
@@ -286,7 +288,7 @@ def _mask_boxes(masks: torch.Tensor) -> torch.Tensor:
     return torch.stack([x1, y1, x2, y2], dim=1).float()
 
 
-class ShapesDataModule(SplitDataModule):
+class ShapesLogic(SplitDataModule):
     """Train / val / test splits of :class:`ShapesDataset`, with disjoint seeds (``seed*3 + 0/1/2``).
 
     A batch is, for ``task="segmentation"``, ``(images [N,3,H,W] float, masks [N,H,W] long)``; for
@@ -352,3 +354,7 @@ class ShapesDataModule(SplitDataModule):
                 transforms=transforms,
             )
         return self._datasets[split]
+
+
+class ShapesDataModule(ShapesLogic, L.LightningDataModule):
+    __doc__ = ShapesLogic.__doc__  # a lightning.pytorch LightningDataModule; gnlightning.pl has the other one

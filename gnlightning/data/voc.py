@@ -18,12 +18,14 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets, tv_tensors
 
+import lightning.pytorch as L
+
 from gnlightning.data.base import SplitDataModule
 from gnlightning.data.coco import _GET_DATA
 from gnlightning.data.transforms import IGNORE_INDEX, build_transforms
 
 __all__ = [
-    "IMAGE_SUFFIXES", "VOC_CLASS_NAMES", "SegmentationPairs", "VOCDataModule", "folder_pairs", "read_class_mask",
+    "IMAGE_SUFFIXES", "VOC_CLASS_NAMES", "SegmentationPairs", "VOCLogic", "VOCDataModule", "folder_pairs", "read_class_mask",
     "voc_base_dir", "voc_pairs",
 ]
 
@@ -151,7 +153,7 @@ class SegmentationPairs(Dataset):
         return sample
 
 
-class VOCDataModule(SplitDataModule):
+class VOCLogic(SplitDataModule):
     """Semantic segmentation from a VOCdevkit (``layout="voc"``) or an images/masks folder (``layout="folder"``).
 
     Batches are ``(images [N,3,H,W] float in [0,1] (ImageNet-normalized if ``normalize``), masks [N,H,W] long)``;
@@ -228,3 +230,7 @@ class VOCDataModule(SplitDataModule):
             )
             self._datasets[split] = SegmentationPairs(self.pairs(split), self.num_classes, transforms)
         return self._datasets[split]
+
+
+class VOCDataModule(VOCLogic, L.LightningDataModule):
+    __doc__ = VOCLogic.__doc__  # a lightning.pytorch LightningDataModule; gnlightning.pl has the other one

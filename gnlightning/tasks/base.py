@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Callable, Iterator, Sequence
 
-import lightning.pytorch as L
 import torch
 from torch import nn
 
@@ -15,8 +14,15 @@ from gnlightning.tasks.optim import build_optimizers
 __all__ = ["Task"]
 
 
-class Task(L.LightningModule):
-    """Subclasses define ``training_step``, ``make_metric()``, ``update_metric(batch, metric)`` and
+class Task:
+    """The training logic shared by the tasks, mixed into the ``LightningModule`` of either Lightning package.
+
+    Why a mixin: a ``pytorch_lightning`` Trainer refuses a ``lightning.pytorch`` LightningModule (and vice versa),
+    and one class cannot derive from both (Lightning's hook-override checks then see the other package's methods).
+    So every task is written once as logic and exists twice: ``gnlightning.tasks.SegmentationTask`` (built on
+    ``lightning.pytorch``) and ``gnlightning.pl.SegmentationTask`` (built on ``pytorch_lightning``).
+
+    Subclasses define ``training_step``, ``make_metric()``, ``update_metric(batch, metric)`` and
     ``log_metric(metric, stage)``."""
 
     def __init__(

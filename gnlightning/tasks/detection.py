@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import lightning.pytorch as L
 import torch
 
 from gnlightning.tasks.base import Task
 
-__all__ = ["DetectionTask"]
+__all__ = ["DetectionLogic", "DetectionTask"]
 
 
-class DetectionTask(Task):
+class DetectionLogic(Task):
     """Train a torchvision detection model on ``(images, targets)`` batches: lists of ``[3, H, W]`` images of any
     sizes and of dicts with ``boxes`` (xyxy), ``labels`` (1..num_classes-1) and, for Mask R-CNN, ``masks``. Images
     without objects are allowed (``boxes`` of shape ``[0, 4]``).
@@ -62,3 +63,7 @@ class DetectionTask(Task):
             for key in ("map", "map_50", "map_75"):
                 self.log(f"{stage}/{target}{key.replace('map', 'mAP')}", results[f"{source}{key}"],
                          prog_bar=key == "map", sync_dist=True)  # equal on all ranks, see SegmentationTask
+
+
+class DetectionTask(DetectionLogic, L.LightningModule):
+    __doc__ = DetectionLogic.__doc__  # a lightning.pytorch LightningModule; gnlightning.pl has the other one

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import lightning.pytorch as L
 import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassJaccardIndex
 
 from gnlightning.tasks.base import Task
 
-__all__ = ["SegmentationTask"]
+__all__ = ["SegmentationLogic", "SegmentationTask"]
 
 
-class SegmentationTask(Task):
+class SegmentationLogic(Task):
     """Train any model that maps ``[N, 3, H, W]`` images to ``[N, C, H, W]`` logits (or torchvision's
     ``{"out": ..., "aux": ...}``) on ``(images, masks)`` batches, masks ``[N, H, W]`` of class indices with
     ``ignore_index`` for unlabelled pixels.
@@ -63,3 +64,7 @@ class SegmentationTask(Task):
         for name, value in zip(self.class_names, per_class):
             if not torch.isnan(value):
                 self.log(f"{stage}/IoU/{name}", value, sync_dist=True)
+
+
+class SegmentationTask(SegmentationLogic, L.LightningModule):
+    __doc__ = SegmentationLogic.__doc__  # a lightning.pytorch LightningModule; gnlightning.pl has the other one
