@@ -21,6 +21,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from gnlightning.layers import resolve_norm_name
+from gnlightning.lightning.checkpoint_io import AtomicCheckpointIO
+from gnlightning.lightning.precise_bn import PreciseBN
 from gnlightning.models import build_model, task_of
 from gnlightning.schema import check_target, register
 from gnlightning.tasks import DetectionTask, SegmentationTask
@@ -102,8 +104,6 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, li
         if node is not None:
             check_target(node, f"callbacks.{name}")
     norm, options = norm_settings(cfg.norm)
-    from gnlightning.lightning.checkpoint_io import AtomicCheckpointIO
-
     plugins: list = [AtomicCheckpointIO()]  # last.ckpt is the old or the new one, never a torn file
     if norm == "syncbn":
         # BN is built, and SyncBatchNormPlugin synchronises it inside each DDP process (and reverts after fit).
@@ -158,8 +158,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
 def write_results(output_dir: Path, cfg: DictConfig, metrics: dict[str, float], trainer: L.Trainer) -> None:
     """``results.json`` (what sweep summaries read) and a metrics table on stdout."""
-    from gnlightning.lightning.precise_bn import PreciseBN
-
     batch_size = cfg.data.get("batch_size")
     precise_bn = any(isinstance(callback, PreciseBN) for callback in trainer.callbacks)
     settings = {

@@ -245,6 +245,11 @@ def test_frozen_bn_is_torchvision_frozen_and_stays_frozen():
     torch.testing.assert_close(frozen(x), bn(x), rtol=1e-5, atol=1e-5)  # eval BN, although frozen.training
     for key, value in frozen.state_dict().items():
         assert torch.equal(value, before[key])
+    # Under autocast the activation keeps its bf16 dtype (torchvision's multiplies by a float32 scale and promotes).
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = frozen(x.bfloat16())
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), bn(x.bfloat16().float()), rtol=0.02, atol=0.05)
     # Checkpoints of torchvision's class (no num_batches_tracked) load, and ours load into torchvision's.
     frozen.load_state_dict(torchvision.ops.FrozenBatchNorm2d(4).state_dict())
     torchvision.ops.FrozenBatchNorm2d(4).load_state_dict(frozen.state_dict())
