@@ -5,9 +5,10 @@ batches) need the same three questions answered -- "are we distributed at all?",
 statistics?" and "sum this tensor over them" -- and each answer has an edge case that is easy to get subtly wrong
 when repeated inline (an uninitialized default group, a world of size 1, sub-groups that every rank must create).
 
-Every collective of the package goes through :func:`all_reduce_sum`, which calls
-``torch.distributed.all_reduce`` by attribute lookup at call time. Tests rely on that to count collectives by
-monkeypatching ``torch.distributed.all_reduce``; keep it that way (no ``from torch.distributed import all_reduce``).
+Every collective of the package goes through :func:`all_reduce_sum`, which calls either
+``HostAllReduce.all_reduce_sum_`` or ``torch.distributed.all_reduce``, both by attribute lookup at call time. Tests
+rely on that to count collectives by monkeypatching them; keep it that way (no ``from torch.distributed import
+all_reduce``).
 
 This module must stay free of Lightning and Hydra imports: ``gnlightning.layers`` depends on it.
 """
@@ -15,12 +16,12 @@ This module must stay free of Lightning and Hydra imports: ``gnlightning.layers`
 from __future__ import annotations
 
 import operator
-import os
-import time
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from gnlightning.host_all_reduce import MAX_BYTES, host_all_reduce
 
 __all__ = [
     "is_distributed",
@@ -37,9 +38,6 @@ ProcessGroup = Any
 # the cache notice that the default group was destroyed and re-initialized (common in tests and in scripts that
 # run several trainings in one process); groups of a dead world must not be handed out again.
 _CONSECUTIVE_GROUPS: dict[int, tuple[Any, ProcessGroup]] = {}
-
-# os.sched_yield is POSIX-only; sleep(0) is the closest portable "let others run" elsewhere.
-_yield_cpu = getattr(os, "sched_yield", lambda: time.sleep(0))
 
 
 def is_distributed() -> bool:
@@ -70,23 +68,18 @@ def all_reduce_sum(tensor: torch.Tensor, group: ProcessGroup | None = None) -> t
     number of times and in the same order, including ranks whose local batch is empty; a rank that skips a call
     deadlocks the others.
 
-    CPU tensors are waited for by polling with ``sched_yield`` instead of blocking. SyncBN issues two tiny
-    collectives per layer and step, so their latency, not their bandwidth, is what it costs, and a blocking wait
-    adds thread wake-up hand-offs to each (gloo on a 2-vCPU VM: 0.3-3 ms per all_reduce). Yielding keeps the
-    waiting core available to gloo's own threads and to other work; it cut the SyncBN step of
-    ``scripts/bench_syncbn.py`` by 3-23% (typically ~12%) against a blocking wait. Accelerator tensors keep the
-    ordinary call: there the wait only orders streams and does not block the host.
+    Small CPU tensors in a group whose ranks share this host go through :mod:`gnlightning.host_all_reduce`
+    (loopback TCP from the calling thread: 20-40 us instead of gloo's 0.1-4 ms thread hand-offs; SyncBN's cost on
+    CPU is mostly this latency). The choice depends only on the device, the size and the group, which all ranks
+    share, so they always take the same transport. Everything else is ``torch.distributed.all_reduce``.
     """
     if group_world_size(group) <= 1:
         return tensor
-    if tensor.device.type != "cpu":
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
-        return tensor
-    work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group, async_op=True)
-    if work is not None:  # None only from stand-ins that test code patches in; they have finished already
-        while not work.is_completed():
-            _yield_cpu()
-        work.wait()  # raises the collective's error (e.g. a timeout) if it failed
+    if tensor.device.type == "cpu" and tensor.numel() * tensor.element_size() <= MAX_BYTES:
+        channel = host_all_reduce(group)
+        if channel is not None:
+            return channel.all_reduce_sum_(tensor)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
 
 

@@ -14,7 +14,6 @@ import functools
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -164,7 +163,7 @@ def _syncbn_autocast_worker(rank: int, world_size: int) -> dict[str, Any]:
     """Conv (bf16 under autocast) -> SyncBatchNorm, 2 training steps; records what the layer computed in."""
     stat_dtypes, reduce_dtypes = [], []
     local_mean_var = sync_batchnorm._local_mean_var
-    real_all_reduce = dist.all_reduce
+    all_reduce_sum = sync_batchnorm.all_reduce_sum
 
     def spy_local_mean_var(x):
         stat_dtypes.append(x.dtype)
@@ -172,10 +171,10 @@ def _syncbn_autocast_worker(rank: int, world_size: int) -> dict[str, Any]:
 
     def spy_all_reduce(tensor, *args, **kwargs):
         reduce_dtypes.append(tensor.dtype)
-        return real_all_reduce(tensor, *args, **kwargs)
+        return all_reduce_sum(tensor, *args, **kwargs)
 
     sync_batchnorm._local_mean_var = spy_local_mean_var
-    dist.all_reduce = spy_all_reduce
+    sync_batchnorm.all_reduce_sum = spy_all_reduce
     torch.manual_seed(0)  # same conv on both ranks, as DDP would have it
     conv, norm = nn.Conv2d(3, CHANNELS, 3, padding=1), SyncBatchNorm(CHANNELS)
     record: dict[str, Any] = {"norm_inputs": [], "outputs": []}

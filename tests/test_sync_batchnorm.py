@@ -15,7 +15,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.testing import assert_close
 
+import gnlightning.host_all_reduce as host_all_reduce_module
 from gnlightning.distributed import group_world_size, new_consecutive_groups
+from gnlightning.host_all_reduce import HostAllReduce
 from gnlightning.layers.sync_batchnorm import SyncBatchNorm
 from tests._dist import run_distributed
 
@@ -70,15 +72,31 @@ def _affine_init(generator_seed: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class _CollectiveCounter:
-    """Counts torch.distributed.all_reduce calls; every collective of the package goes through it."""
+    """Counts all_reduce calls per transport; every collective of the package goes through one of the two.
+
+    ``calls`` is the total; ``by_transport`` tells whether they went through the host-local loopback channel
+    (``host``) or through ``torch.distributed.all_reduce`` (``torch``).
+    """
 
     def __init__(self) -> None:
-        self.calls = 0
-        self._real = dist.all_reduce
+        self.by_transport = {"host": 0, "torch": 0}
+        real_torch, real_host = dist.all_reduce, HostAllReduce.all_reduce_sum_
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        self.calls += 1
-        return self._real(*args, **kwargs)
+        def torch_all_reduce(*args: Any, **kwargs: Any) -> Any:
+            self.by_transport["torch"] += 1
+            return real_torch(*args, **kwargs)
+
+        def host_all_reduce(channel: HostAllReduce, tensor: torch.Tensor) -> torch.Tensor:
+            self.by_transport["host"] += 1
+            return real_host(channel, tensor)
+
+        # Only ever installed inside a spawned worker process.
+        dist.all_reduce = torch_all_reduce  # type: ignore[assignment]
+        HostAllReduce.all_reduce_sum_ = host_all_reduce  # type: ignore[method-assign]
+
+    @property
+    def calls(self) -> int:
+        return sum(self.by_transport.values())
 
 
 def _run_case(rank: int, case_index: int, counter: _CollectiveCounter) -> dict[str, Any]:
@@ -125,9 +143,8 @@ def _run_case(rank: int, case_index: int, counter: _CollectiveCounter) -> dict[s
     return result
 
 
-def _two_layer_calls() -> tuple[int, int]:
+def _two_layer_calls(counter: _CollectiveCounter) -> tuple[int, int]:
     """Collectives of a 2-layer stack in one forward and one backward: must be 2 and 2 (one per layer and pass)."""
-    counter = dist.all_reduce  # the _CollectiveCounter installed by _two_rank_worker
     model = nn.Sequential(SyncBatchNorm(CHANNELS), nn.ReLU(), SyncBatchNorm(CHANNELS))
     x = torch.randn(2, CHANNELS, 4, 4, requires_grad=True)
     before = counter.calls
@@ -137,9 +154,8 @@ def _two_layer_calls() -> tuple[int, int]:
     return forward_calls, counter.calls - before - forward_calls
 
 
-def _eval_calls_and_exactness() -> tuple[int, bool]:
+def _eval_calls_and_exactness(counter: _CollectiveCounter) -> tuple[int, bool]:
     """Eval mode uses running statistics: no collective, and exactly nn.BatchNorm2d's output."""
-    counter = dist.all_reduce
     layer, reference = SyncBatchNorm(CHANNELS), nn.BatchNorm2d(CHANNELS)
     with torch.no_grad():
         for module in (layer, reference):
@@ -154,18 +170,26 @@ def _eval_calls_and_exactness() -> tuple[int, bool]:
     return counter.calls - before, torch.equal(out, reference(x))
 
 
-def _two_rank_worker(rank: int, world_size: int) -> dict[str, Any]:
+def _two_rank_worker(rank: int, world_size: int, transport: str) -> dict[str, Any]:
+    if transport == "torch":
+        # Ranks that look like two machines: the host-local channel declines and gloo carries everything.
+        host_all_reduce_module._host_id = lambda: f"machine-{rank}"
     counter = _CollectiveCounter()
-    dist.all_reduce = counter  # type: ignore[assignment]  # only inside this spawned process
     results: dict[str, Any] = {name: _run_case(rank, index, counter) for index, name in enumerate(CASE_NAMES)}
-    results["two_layer_calls"] = _two_layer_calls()
-    results["eval"] = _eval_calls_and_exactness()
+    results["two_layer_calls"] = _two_layer_calls(counter)
+    results["eval"] = _eval_calls_and_exactness(counter)
+    results["by_transport"] = counter.by_transport
     return results
 
 
-@pytest.fixture(scope="module")
-def two_rank_results() -> list[dict[str, Any]]:
-    return run_distributed(_two_rank_worker, 2, timeout=120)
+@pytest.fixture(scope="module", params=["host", "torch"])
+def two_rank_results(request: pytest.FixtureRequest) -> list[dict[str, Any]]:
+    """Every 2-rank case, once over the host-local loopback channel and once over gloo (as across machines)."""
+    results = run_distributed(_two_rank_worker, 2, request.param, timeout=120)
+    for rank_results in results:
+        assert rank_results["by_transport"][request.param] > 0
+        assert sum(rank_results["by_transport"].values()) == rank_results["by_transport"][request.param]
+    return results
 
 
 def _reference(case_index: int) -> dict[str, Any]:
@@ -313,17 +337,14 @@ def _four_rank_worker(rank: int, world_size: int) -> dict[str, Any]:
 
     # A group of one rank: no collective, plain BatchNorm -- where torch.nn.SyncBatchNorm refuses CPU tensors.
     alone = new_consecutive_groups(1)
-    calls = []
-    real_all_reduce = dist.all_reduce
-    dist.all_reduce = lambda *args, **kwargs: calls.append(1) or real_all_reduce(*args, **kwargs)  # type: ignore
+    counter = _CollectiveCounter()
     solo = SyncBatchNorm(CHANNELS, process_group=alone)
     solo_out = solo(x.detach())
-    dist.all_reduce = real_all_reduce
     reference = nn.BatchNorm2d(CHANNELS)
     checks["solo_matches_bn"] = torch.equal(solo_out, reference(x.detach())) and torch.equal(
         solo.running_var, reference.running_var
     )
-    checks["solo_calls"] = len(calls)
+    checks["solo_calls"] = counter.calls
     try:
         nn.SyncBatchNorm(CHANNELS, process_group=alone)(x.detach())
         checks["torch_refuses_cpu"] = False
