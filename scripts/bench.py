@@ -333,18 +333,21 @@ def bench_syncbn_section(args: argparse.Namespace) -> Section:
         section.add(f"width {width}: SyncBatchNorm / BatchNorm training step", ratio,
                     Target("<=", bench_syncbn.TARGET_RATIO))
         rows.append([str(width), f"{result['bn_ms']:.2f}", f"{result['syncbn_ms']:.2f}", f"{result['no_comm_ms']:.2f}",
-                     f"{result['latency_us']:.0f}", f"{ratio:.3f}x", f"{result['no_comm_ms'] / result['bn_ms']:.3f}x"])
+                     f"{result['latency_us']:.0f}", f"{result['gloo_latency_us']:.0f}", f"{ratio:.3f}x",
+                     f"{result['no_comm_ms'] / result['bn_ms']:.3f}x"])
     section.details = [
         (f"{syncbn_args.world_size} DDP processes x 1 thread (gloo), "
          f"{'each pinned to its own core' if syncbn_args.pin else 'not pinned'}; {syncbn_args.blocks} x [conv3x3, "
          f"norm, ReLU] + pool + linear, batch {syncbn_args.batch}/rank, {syncbn_args.size}x{syncbn_args.size}; "
          f"median of {rounds} interleaved rounds x {syncbn_args.steps} steps. \"No collectives\" runs SyncBN's code "
-         "path over a group of one rank. Details: `python scripts/bench_syncbn.py --help`."),
+         "path over a group of one rank. \"all_reduce\" is the idle latency of one collective as SyncBN issues it "
+         "(between ranks of one host: gnlightning's loopback channel), \"gloo all_reduce\" that of "
+         "torch.distributed.all_reduce on the same payload. Details: `python scripts/bench_syncbn.py --help`."),
         "",
         *markdown_table(
-            ["width", "BN (ms)", "SyncBN (ms)", "no collectives (ms)", "all_reduce latency (us)", "SyncBN / BN",
-             "no collectives / BN"],
-            rows, "rrrrrrr",
+            ["width", "BN (ms)", "SyncBN (ms)", "no collectives (ms)", "all_reduce (us)", "gloo all_reduce (us)",
+             "SyncBN / BN", "no collectives / BN"],
+            rows, "rrrrrrrr",
         ),
     ]
     return section
