@@ -18,6 +18,7 @@ from torch.testing import assert_close
 import gnlightning.host_all_reduce as host_all_reduce_module
 from gnlightning.distributed import group_world_size, new_consecutive_groups
 from gnlightning.host_all_reduce import HostAllReduce
+from gnlightning.layers import sync_batchnorm
 from gnlightning.layers.sync_batchnorm import SyncBatchNorm
 from tests._dist import run_distributed
 
@@ -36,6 +37,8 @@ CASES: list[dict[str, Any]] = [
     # while running statistics must stay at the usual tolerance. Outputs and gradients get 1e-4: float32 resolves
     # values near 1000 to 6e-5, and single-process float32 nn.BatchNorm2d is off from float64 by as much (4e-5).
     {"name": "large_offset", "sizes": [3, 1], "spatial": (4, 5), "offset": 1000.0, "tolerance": 1e-4},
+    # Planes of 64x64: CPU statistics take the two-pass summation path (see _local_mean_var) on both ranks.
+    {"name": "large_planes", "sizes": [2, 1], "spatial": (64, 64), "offset": 1000.0, "tolerance": 1e-4},
     {"name": "input_2d", "sizes": [4, 3], "spatial": ()},
     {"name": "input_3d", "sizes": [1, 2], "spatial": (6,)},
     {"name": "input_5d", "sizes": [2, 1], "spatial": (2, 3, 4)},
@@ -376,6 +379,34 @@ def test_consecutive_groups_keep_statistics_per_group() -> None:
             local = slice(2 * (rank - first), 2 * (rank - first) + 2)
             assert_close(results[rank]["grad_input"].double(), x.grad[local], rtol=RTOL, atol=ATOL)
     assert not torch.allclose(results[0]["running_mean"], results[2]["running_mean"])
+
+
+# ---- single process ----
+
+
+@pytest.mark.parametrize(
+    ("shape", "channels_last", "two_pass"),
+    [
+        ((2, 3, 64, 64), False, True),  # large contiguous planes: two summations
+        ((2, 3, 64, 64), True, False),  # channels_last: the fused kernel is the fast one there
+        ((2, 3, 4, 5), False, False),  # small planes: the fused kernel's lower fixed cost wins
+        ((8192, 3), False, True),
+    ],
+)
+def test_local_statistics_match_float64_on_either_path(shape, channels_last, two_pass, monkeypatch) -> None:
+    fused_calls = []
+    fused = torch.batch_norm_update_stats
+    monkeypatch.setattr(torch, "batch_norm_update_stats", lambda *args: fused_calls.append(1) or fused(*args))
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=generator) * 2 + 1000  # |mean| / std = 500: E[x^2] - E[x]^2 would fail
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    mean, var = sync_batchnorm._local_mean_var(x)
+    expected_var, expected_mean = torch.var_mean(x.double(), dim=[0, *range(2, x.dim())], correction=0)
+    assert_close(mean.double(), expected_mean, rtol=1e-6, atol=0)
+    assert_close(var.double(), expected_var, rtol=1e-5, atol=0)  # torch's channels_last kernel: 1.2e-6
+    assert mean.dtype == var.dtype == torch.float32
+    assert bool(fused_calls) != two_pass
 
 
 # ---- single process: no process group, so exactly nn.BatchNorm ----

@@ -38,6 +38,8 @@ __all__ = ["SyncBatchNorm"]
 # Device types with a fused kernel returning per-channel (mean, biased var) in one pass over the input; elsewhere the
 # generic var_mean reduction is used.
 _FUSED_STATS_DEVICES = ("cpu", "cuda")
+# Values per channel from which two plain summations beat that fused kernel on contiguous (N, C, *) CPU input.
+_TWO_PASS_MIN_COUNT = 4096
 
 
 def _reduce_dtype(device: torch.device) -> torch.dtype:
@@ -63,9 +65,22 @@ def _local_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
     Both are computed around the local mean (not as E[x^2] - E[x]^2), so they are accurate whatever the offset of
     the activations; the cross-rank combination in :func:`_SyncBatchNormFunction.forward` only has to handle the
     spread *between* ranks.
+
+    On CPU, torch's fused statistics kernel (the one nn.BatchNorm uses) runs a per-channel Welford loop that is
+    fast on channels_last input but 2.5-4x slower than two summations on contiguous NCHW with large planes
+    (measured on (2, 32..128, 32..64, 32..64) float32, one thread). There the textbook two-pass algorithm is used
+    instead: the mean, then the mean of squared deviations from it -- as accurate (~1e-7 relative against float64)
+    at the price of one temporary the size of the input. Small planes keep the fused kernel, whose fixed cost is
+    lower.
     """
+    count = x.numel() // x.size(1)
+    if x.device.type == "cpu" and count >= _TWO_PASS_MIN_COUNT and x.is_contiguous():
+        dims = [0, *range(2, x.dim())]
+        mean = x.sum(dims).div_(count)
+        deviations = x - mean.view(1, -1, *([1] * (x.dim() - 2)))
+        return mean, deviations.square_().sum(dims).div_(count)
     if x.device.type in _FUSED_STATS_DEVICES:
-        # Same kernel nn.BatchNorm uses for its statistics: one pass, layout-aware (fast on channels_last).
+        # One pass, layout-aware (fast on channels_last).
         return torch.batch_norm_update_stats(x, None, None, 0.0)
     dims = [0, *range(2, x.dim())]
     var, mean = torch.var_mean(x, dim=dims, correction=0)
