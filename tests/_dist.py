@@ -34,7 +34,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-__all__ = ["run_distributed", "free_port"]
+from gnlightning.host_all_reduce import HostAllReduce
+
+__all__ = ["run_distributed", "free_port", "CollectiveCounter"]
 
 
 def free_port() -> int:
@@ -136,3 +138,31 @@ def run_distributed(
             with open(Path(result_dir) / f"rank{rank}.pkl", "rb") as handle:
                 results.append(pickle.load(handle))
         return results
+
+
+class CollectiveCounter:
+    """Counts all_reduce calls per transport; every collective of the package goes through one of the two.
+
+    ``calls`` is the total; ``by_transport`` tells whether they went through the host-local loopback channel
+    (``host``) or through ``torch.distributed.all_reduce`` (``torch``).
+    """
+
+    def __init__(self) -> None:
+        self.by_transport = {"host": 0, "torch": 0}
+        real_torch, real_host = dist.all_reduce, HostAllReduce.all_reduce_sum_
+
+        def torch_all_reduce(*args: Any, **kwargs: Any) -> Any:
+            self.by_transport["torch"] += 1
+            return real_torch(*args, **kwargs)
+
+        def host_all_reduce(channel: HostAllReduce, tensor: torch.Tensor) -> torch.Tensor:
+            self.by_transport["host"] += 1
+            return real_host(channel, tensor)
+
+        # Patched for good: create it only inside a spawned worker process.
+        dist.all_reduce = torch_all_reduce  # type: ignore[assignment]
+        HostAllReduce.all_reduce_sum_ = host_all_reduce  # type: ignore[method-assign]
+
+    @property
+    def calls(self) -> int:
+        return sum(self.by_transport.values())

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import gnlightning.host_all_reduce as host_all_reduce_module
 from gnlightning.distributed import all_reduce_sum
 from gnlightning.host_all_reduce import MAX_BYTES, HostAllReduce, host_all_reduce
-from tests._dist import free_port, run_distributed
+from tests._dist import CollectiveCounter, free_port, run_distributed
 
 pytestmark = pytest.mark.distributed
 
@@ -32,25 +32,8 @@ def _contribution(rank: int, dtype: torch.dtype, numel: int = 37) -> torch.Tenso
     return values.round() if not dtype.is_floating_point else values
 
 
-def _count_transports() -> dict[str, int]:
-    counts = {"host": 0, "torch": 0}
-    real_torch, real_host = dist.all_reduce, HostAllReduce.all_reduce_sum_
-
-    def torch_all_reduce(*args: Any, **kwargs: Any) -> Any:
-        counts["torch"] += 1
-        return real_torch(*args, **kwargs)
-
-    def host(channel: HostAllReduce, tensor: torch.Tensor) -> torch.Tensor:
-        counts["host"] += 1
-        return real_host(channel, tensor)
-
-    dist.all_reduce = torch_all_reduce  # type: ignore[assignment]  # inside a spawned worker only
-    HostAllReduce.all_reduce_sum_ = host  # type: ignore[method-assign]
-    return counts
-
-
 def _sums_worker(rank: int, world_size: int, second_port: int) -> dict[str, Any]:
-    counts = _count_transports()
+    counter = CollectiveCounter()
     results: dict[str, Any] = {}
     for dtype in DTYPES:
         tensor = _contribution(rank, dtype).to(dtype)
@@ -60,12 +43,12 @@ def _sums_worker(rank: int, world_size: int, second_port: int) -> dict[str, Any]
     all_reduce_sum(matrix.t())
     results["non_contiguous"] = matrix
     results["scalar"] = all_reduce_sum(torch.tensor(float(rank + 1)))
-    results["after_values"] = dict(counts)
+    results["after_values"] = dict(counter.by_transport)
     # The size limit is inclusive; one element more goes to torch.distributed.
     all_reduce_sum(torch.ones(MAX_BYTES // 8, dtype=torch.float64))
-    results["at_limit"] = dict(counts)
+    results["at_limit"] = dict(counter.by_transport)
     big = all_reduce_sum(torch.ones(MAX_BYTES // 8 + 1, dtype=torch.float64))
-    results["over_limit"] = dict(counts)
+    results["over_limit"] = dict(counter.by_transport)
     results["big_sum"] = float(big[0])
     results["cached"] = host_all_reduce() is host_all_reduce(dist.group.WORLD)
 
@@ -119,10 +102,10 @@ def _connect_fails_worker(rank: int, world_size: int) -> dict[str, Any]:
     handler = logging.Handler()
     handler.emit = lambda record: warnings.append(record.getMessage())  # type: ignore[method-assign]
     logging.getLogger(host_all_reduce_module.__name__).addHandler(handler)
-    counts = _count_transports()
+    counter = CollectiveCounter()
     channel = host_all_reduce()
     total = all_reduce_sum(torch.full((5,), rank + 1.0))
-    return {"channel": channel, "total": total, "counts": counts, "warnings": warnings}
+    return {"channel": channel, "total": total, "counts": counter.by_transport, "warnings": warnings}
 
 
 def test_falls_back_to_torch_distributed_on_every_rank_if_one_cannot_connect() -> None:

@@ -17,10 +17,9 @@ from torch.testing import assert_close
 
 import gnlightning.host_all_reduce as host_all_reduce_module
 from gnlightning.distributed import group_world_size, new_consecutive_groups
-from gnlightning.host_all_reduce import HostAllReduce
 from gnlightning.layers import sync_batchnorm
 from gnlightning.layers.sync_batchnorm import SyncBatchNorm
-from tests._dist import run_distributed
+from tests._dist import CollectiveCounter, run_distributed
 
 CHANNELS = 3
 STEPS = 2
@@ -74,35 +73,7 @@ def _affine_init(generator_seed: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
     return weight, bias
 
 
-class _CollectiveCounter:
-    """Counts all_reduce calls per transport; every collective of the package goes through one of the two.
-
-    ``calls`` is the total; ``by_transport`` tells whether they went through the host-local loopback channel
-    (``host``) or through ``torch.distributed.all_reduce`` (``torch``).
-    """
-
-    def __init__(self) -> None:
-        self.by_transport = {"host": 0, "torch": 0}
-        real_torch, real_host = dist.all_reduce, HostAllReduce.all_reduce_sum_
-
-        def torch_all_reduce(*args: Any, **kwargs: Any) -> Any:
-            self.by_transport["torch"] += 1
-            return real_torch(*args, **kwargs)
-
-        def host_all_reduce(channel: HostAllReduce, tensor: torch.Tensor) -> torch.Tensor:
-            self.by_transport["host"] += 1
-            return real_host(channel, tensor)
-
-        # Only ever installed inside a spawned worker process.
-        dist.all_reduce = torch_all_reduce  # type: ignore[assignment]
-        HostAllReduce.all_reduce_sum_ = host_all_reduce  # type: ignore[method-assign]
-
-    @property
-    def calls(self) -> int:
-        return sum(self.by_transport.values())
-
-
-def _run_case(rank: int, case_index: int, counter: _CollectiveCounter) -> dict[str, Any]:
+def _run_case(rank: int, case_index: int, counter: CollectiveCounter) -> dict[str, Any]:
     case = CASES[case_index]
     sizes = case["sizes"]
     start, stop = sum(sizes[:rank]), sum(sizes[: rank + 1])
@@ -146,7 +117,7 @@ def _run_case(rank: int, case_index: int, counter: _CollectiveCounter) -> dict[s
     return result
 
 
-def _two_layer_calls(counter: _CollectiveCounter) -> tuple[int, int]:
+def _two_layer_calls(counter: CollectiveCounter) -> tuple[int, int]:
     """Collectives of a 2-layer stack in one forward and one backward: must be 2 and 2 (one per layer and pass)."""
     model = nn.Sequential(SyncBatchNorm(CHANNELS), nn.ReLU(), SyncBatchNorm(CHANNELS))
     x = torch.randn(2, CHANNELS, 4, 4, requires_grad=True)
@@ -157,7 +128,7 @@ def _two_layer_calls(counter: _CollectiveCounter) -> tuple[int, int]:
     return forward_calls, counter.calls - before - forward_calls
 
 
-def _eval_calls_and_exactness(counter: _CollectiveCounter) -> tuple[int, bool]:
+def _eval_calls_and_exactness(counter: CollectiveCounter) -> tuple[int, bool]:
     """Eval mode uses running statistics: no collective, and exactly nn.BatchNorm2d's output."""
     layer, reference = SyncBatchNorm(CHANNELS), nn.BatchNorm2d(CHANNELS)
     with torch.no_grad():
@@ -177,7 +148,7 @@ def _two_rank_worker(rank: int, world_size: int, transport: str) -> dict[str, An
     if transport == "torch":
         # Ranks that look like two machines: the host-local channel declines and gloo carries everything.
         host_all_reduce_module._host_id = lambda: f"machine-{rank}"
-    counter = _CollectiveCounter()
+    counter = CollectiveCounter()
     results: dict[str, Any] = {name: _run_case(rank, index, counter) for index, name in enumerate(CASE_NAMES)}
     results["two_layer_calls"] = _two_layer_calls(counter)
     results["eval"] = _eval_calls_and_exactness(counter)
@@ -340,7 +311,7 @@ def _four_rank_worker(rank: int, world_size: int) -> dict[str, Any]:
 
     # A group of one rank: no collective, plain BatchNorm -- where torch.nn.SyncBatchNorm refuses CPU tensors.
     alone = new_consecutive_groups(1)
-    counter = _CollectiveCounter()
+    counter = CollectiveCounter()
     solo = SyncBatchNorm(CHANNELS, process_group=alone)
     solo_out = solo(x.detach())
     reference = nn.BatchNorm2d(CHANNELS)
