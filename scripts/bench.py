@@ -60,7 +60,7 @@ import bench_syncbn  # noqa: E402  (the sibling script, whose measurement is reu
 
 SECTIONS = ("ws", "syncbn", "norms", "convert", "memory")
 # Interleaved rounds per timed section: many for cheap conv layers, few for whole-model training steps.
-DEFAULT_ROUNDS = {"ws": 15, "syncbn": 10, "norms": 5}
+DEFAULT_ROUNDS = {"ws": 15, "syncbn": 16, "norms": 5}
 QUICK_ROUNDS = 2
 DEFAULT_REPEATS = 7
 BATCH = 2
@@ -311,9 +311,9 @@ def bench_syncbn_section(args: argparse.Namespace) -> Section:
     rounds = _rounds(args, "syncbn")
     argv = ["--channels", *map(str, args.syncbn_widths), "--rounds", str(rounds)]
     if args.quick:
-        argv += ["--steps", "1", "--warmup", "1", "--blocks", "2", "--size", "16"]
+        argv += ["--steps", "1", "--warmup", "1", "--warmup-rounds", "1", "--blocks", "2", "--size", "16"]
     else:
-        argv += ["--steps", "3", "--warmup", "3"]
+        argv += ["--steps", "3", "--warmup", "3", "--warmup-rounds", "2"]
     syncbn_args = bench_syncbn.parse_args(argv)
     _log(f"syncbn: widths {' '.join(map(str, args.syncbn_widths))}, {syncbn_args.world_size} processes")
     results = bench_syncbn.measure(syncbn_args)
@@ -324,7 +324,7 @@ def bench_syncbn_section(args: argparse.Namespace) -> Section:
         },
         "settings": {
             key: vars(syncbn_args)[key]
-            for key in ("world_size", "blocks", "batch", "size", "warmup", "rounds", "steps", "pin")
+            for key in ("world_size", "blocks", "batch", "size", "warmup", "warmup_rounds", "rounds", "steps", "pin")
         },
     }
     rows = []

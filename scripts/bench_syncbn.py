@@ -87,11 +87,16 @@ def build_net(norm: Callable[[int], nn.Module], blocks: int, channels: int, num_
 
 
 def _collective_latency(channels: int, all_reduce: Callable[[torch.Tensor], object], repeats: int = 50) -> float:
-    """Median seconds of one all_reduce of a SyncBN-sized payload with all ranks arriving together."""
+    """Median seconds of one all_reduce of a SyncBN-sized payload with all ranks arriving together.
+
+    Calls run back to back: each one's completion lines the ranks up for the next more tightly than a barrier,
+    whose own wake-up jitter (gloo: up to milliseconds) would be counted as latency.
+    """
     moments = torch.zeros(2 * channels + 1, dtype=torch.float64)
+    for _ in range(10):
+        all_reduce(moments)
     latencies = []
     for _ in range(repeats):
-        dist.barrier()
         start = time.perf_counter()
         all_reduce(moments)
         latencies.append(time.perf_counter() - start)
@@ -122,9 +127,12 @@ def _time_width(
         loss_fn(models[name](images), labels).backward()
         optimizers[name].step()
 
-    for name in NORMS:
-        for _ in range(args.warmup):
-            step(name)
+    # Warm-up in the same alternation as the timed rounds: switching between variants has its own transient (in the
+    # first rounds here, the variant that follows BN ran up to 1.5x slower), which a run of one variant never sees.
+    for warmup_round in range(args.warmup_rounds):
+        for name in NORMS if warmup_round % 2 == 0 else reversed(NORMS):
+            for _ in range(args.warmup):
+                step(name)
     # What SyncBN uses (the host-local loopback channel here) and what gloo alone would cost.
     latency = {
         "latency_us": _collective_latency(channels, all_reduce_sum),
@@ -186,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--blocks", type=int, default=5)
     parser.add_argument("--batch", type=int, default=2, help="images per rank")
     parser.add_argument("--size", type=int, default=64, help="input height and width")
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=5, help="steps per variant and warm-up round")
+    parser.add_argument("--warmup-rounds", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--steps", type=int, default=10, help="steps per timed round")
     parser.add_argument("--channels-last", action="store_true")
@@ -258,8 +267,9 @@ def main() -> None:
     )
     print(
         f"net: {args.blocks} x [conv3x3, norm, ReLU] + pool + linear; batch {args.batch}/rank, "
-        f"{args.size}x{args.size}, {'channels_last' if args.channels_last else 'NCHW'}; {args.warmup} warm-up steps, "
-        f"median of {args.rounds} interleaved rounds x {args.steps} steps"
+        f"{args.size}x{args.size}, {'channels_last' if args.channels_last else 'NCHW'}; "
+        f"{args.warmup_rounds} warm-up rounds x {args.warmup} steps, median of {args.rounds} interleaved rounds x "
+        f"{args.steps} steps"
     )
     print()
     print("| width | norm | step time (ms, median) | min / max round (ms) | ratio vs BN |")
