@@ -16,17 +16,18 @@ This module must stay free of Lightning and Hydra imports: ``gnlightning.layers`
 from __future__ import annotations
 
 import operator
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
-from gnlightning.host_all_reduce import MAX_BYTES, host_all_reduce
+from gnlightning.host_all_reduce import MAX_BYTES, HostAllReduce
 
 __all__ = [
     "is_distributed",
     "group_world_size",
     "all_reduce_sum",
+    "host_channel",
     "new_consecutive_groups",
 ]
 
@@ -34,10 +35,33 @@ __all__ = [
 # below use Any instead of importing it.
 ProcessGroup = Any
 
-# group_size -> (world group the groups were created under, this rank's group). Remembering the world group lets
-# the cache notice that the default group was destroyed and re-initialized (common in tests and in scripts that
-# run several trainings in one process); groups of a dead world must not be handed out again.
+# Per-world caches, key -> (world group the value was created under, value); see _per_world.
+# group_size -> this rank's group of consecutive ranks.
 _CONSECUTIVE_GROUPS: dict[int, tuple[Any, ProcessGroup]] = {}
+# process group -> its HostAllReduce, or None when the group spans hosts.
+_HOST_CHANNELS: dict[Any, tuple[Any, HostAllReduce | None]] = {}
+
+
+def _per_world(cache: dict[Any, tuple[Any, Any]], key: Any, create: Callable[[], Any]) -> Any:
+    """``cache[key]``'s value if it was created under the current default group, else ``create()``'s (cached).
+
+    Remembering the world lets a cache notice that the default group was destroyed and re-initialized (common in
+    tests and in scripts that run several trainings in one process): what belonged to a dead world -- its groups,
+    their channels -- must not be handed out again. Entries of a dead world are dropped on the first miss, and
+    closed if they can be (a host channel's sockets). The hit path is one lookup: this runs per collective.
+    """
+    world = dist.group.WORLD
+    cached = cache.get(key)
+    if cached is not None and cached[0] is world:
+        return cached[1]
+    for stale_key, (owner, value) in list(cache.items()):
+        if owner is not world:
+            if isinstance(value, HostAllReduce):
+                value.close()
+            del cache[stale_key]
+    value = create()
+    cache[key] = (world, value)
+    return value
 
 
 def is_distributed() -> bool:
@@ -76,11 +100,21 @@ def all_reduce_sum(tensor: torch.Tensor, group: ProcessGroup | None = None) -> t
     if group_world_size(group) <= 1:
         return tensor
     if tensor.device.type == "cpu" and tensor.numel() * tensor.element_size() <= MAX_BYTES:
-        channel = host_all_reduce(group)
+        channel = host_channel(group)
         if channel is not None:
             return channel.all_reduce_sum_(tensor)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
+
+
+def host_channel(group: ProcessGroup | None = None) -> HostAllReduce | None:
+    """The host-local all_reduce channel of ``group`` (``None`` = world); ``None`` if its ranks span hosts.
+
+    Created on the first call for a group, which is a collective: call it on every rank of the group at the same
+    point (as any collective; :func:`all_reduce_sum` does). Later calls are a dictionary lookup.
+    """
+    group = dist.group.WORLD if group is None else group
+    return _per_world(_HOST_CHANNELS, group, lambda: HostAllReduce.connect(group))
 
 
 def new_consecutive_groups(group_size: int) -> ProcessGroup | None:
@@ -126,11 +160,10 @@ def new_consecutive_groups(group_size: int) -> ProcessGroup | None:
     if group_size == world_size:
         return dist.group.WORLD
 
-    world = dist.group.WORLD
-    cached = _CONSECUTIVE_GROUPS.get(group_size)
-    if cached is not None and cached[0] is world:
-        return cached[1]
+    return _per_world(_CONSECUTIVE_GROUPS, group_size, lambda: _create_consecutive_groups(world_size, group_size))
 
+
+def _create_consecutive_groups(world_size: int, group_size: int) -> ProcessGroup:
     rank = dist.get_rank()
     own_group = None
     for start in range(0, world_size, group_size):
@@ -138,5 +171,4 @@ def new_consecutive_groups(group_size: int) -> ProcessGroup | None:
         group = dist.new_group(ranks=ranks)
         if rank in ranks:
             own_group = group
-    _CONSECUTIVE_GROUPS[group_size] = (world, own_group)
     return own_group

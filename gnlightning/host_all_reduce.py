@@ -13,7 +13,8 @@ problem for CPU clusters, but are a separate, platform-specific install; this mo
 Scope, deliberately narrow: CPU tensors up to :data:`MAX_BYTES`, in process groups whose ranks all run on this host
 (the CPU-only tests, CI and single-node CPU training). Everything else -- accelerator tensors (NCCL), larger
 tensors, groups spanning hosts -- stays on ``torch.distributed.all_reduce``; :func:`gnlightning.distributed
-.all_reduce_sum` makes that choice, identically on every rank since it depends only on values all ranks share.
+.all_reduce_sum` makes that choice, identically on every rank since it depends only on values all ranks share, and
+:func:`gnlightning.distributed.host_channel` keeps one channel per group.
 
 How: each pair of ranks in a group shares one TCP connection on 127.0.0.1, set up once per group through the
 group itself (``all_gather_object``). An all_reduce sends this rank's bytes to every peer, receives every peer's,
@@ -38,7 +39,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["HostAllReduce", "MAX_BYTES", "host_all_reduce"]
+__all__ = ["HostAllReduce", "MAX_BYTES"]
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +52,6 @@ _SOCKET_BUFFER_BYTES = 4 * MAX_BYTES
 # the failure case (a peer that could not connect) before everyone falls back to gloo.
 _CONNECT_TIMEOUT_S = 60.0
 _HELLO = struct.Struct("!i16s")  # connecting rank's index in the group, token of the rank it connects to
-
-# group -> (world group it was created under, its HostAllReduce or None when the group spans hosts). Remembering
-# the world notices a destroyed and re-initialized default group, whose groups must not be reused.
-_CHANNELS: dict[Any, tuple[Any, HostAllReduce | None]] = {}
-
 
 def _host_id() -> str:
     """Identifies this machine: hostname plus, on Linux, the boot id (containers sharing a name still differ)."""
@@ -88,7 +84,8 @@ def _receive_exactly(connection: socket.socket, buffer: memoryview) -> None:
 class HostAllReduce:
     """Sum-all_reduce over a fully connected mesh of loopback TCP connections between the ranks of one group.
 
-    Create it through :func:`host_all_reduce`, on every rank of the group at the same point: setup is a collective.
+    Get it through :func:`gnlightning.distributed.host_channel`, which creates it once per group with
+    :meth:`connect`, on every rank of the group at the same point: setup is a collective.
     """
 
     def __init__(self, index: int, ranks: list[int], connections: dict[int, socket.socket], timeout: float) -> None:
@@ -204,21 +201,3 @@ class HostAllReduce:
         for connection in self._connections.values():
             connection.close()
         self._connections.clear()
-
-
-def host_all_reduce(group: Any | None = None) -> HostAllReduce | None:
-    """The :class:`HostAllReduce` of ``group`` (``None`` = world), created on first use; ``None`` across hosts.
-
-    A collective on the first call for a group: call it on every rank of the group at the same point (as any
-    collective). Later calls are a dictionary lookup.
-    """
-    world = dist.group.WORLD
-    for key, (owner, stale) in list(_CHANNELS.items()):
-        if owner is not world:  # the default group was destroyed and re-created since: its groups are dead
-            if stale is not None:
-                stale.close()
-            del _CHANNELS[key]
-    group = world if group is None else group
-    if group not in _CHANNELS:
-        _CHANNELS[group] = (world, HostAllReduce.connect(group))
-    return _CHANNELS[group][1]

@@ -15,9 +15,8 @@ SyncBN's extra cost is two collectives per norm layer and step whose payload is 
 is set by collective *latency*, which the script measures and prints next to the table -- both as SyncBN issues the
 collective (between ranks of one host: gnlightning's loopback channel, see gnlightning/host_all_reduce.py) and
 through gloo, which is what it would cost otherwise; the wider the convolutions, the smaller that fixed cost is
-relative to the step. A third, diagnostic row runs SyncBN's exact code path over a
-group of one rank ("same math, no collectives"), which splits SyncBN's overhead into the layer's own arithmetic and
-the collectives.
+relative to the step. A third, diagnostic row runs SyncBN's exact code path over a group of one rank ("same math,
+no collectives"), which splits SyncBN's overhead into the layer's own arithmetic and the collectives.
 
 torch.nn.SyncBatchNorm is not in the table: it refuses CPU tensors in training.
 

@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 
 import gnlightning.host_all_reduce as host_all_reduce_module
-from gnlightning.distributed import all_reduce_sum
-from gnlightning.host_all_reduce import MAX_BYTES, HostAllReduce, host_all_reduce
+from gnlightning.distributed import all_reduce_sum, host_channel
+from gnlightning.host_all_reduce import MAX_BYTES, HostAllReduce
 from tests._dist import CollectiveCounter, free_port, run_distributed
 
 pytestmark = pytest.mark.distributed
@@ -50,15 +50,15 @@ def _sums_worker(rank: int, world_size: int, second_port: int) -> dict[str, Any]
     big = all_reduce_sum(torch.ones(MAX_BYTES // 8 + 1, dtype=torch.float64))
     results["over_limit"] = dict(counter.by_transport)
     results["big_sum"] = float(big[0])
-    results["cached"] = host_all_reduce() is host_all_reduce(dist.group.WORLD)
+    results["cached"] = host_channel() is host_channel(dist.group.WORLD)
 
     # A destroyed and re-initialized default group (tests, scripts running several trainings) gets a new channel,
     # and the old one's connections are closed.
-    first = host_all_reduce()
+    first = host_channel()
     dist.destroy_process_group()
     os.environ["MASTER_PORT"] = str(second_port)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    second = host_all_reduce()
+    second = host_channel()
     results["reinit"] = {
         "new_channel": second is not None and second is not first,
         "first_closed": not first._connections,
@@ -103,7 +103,7 @@ def _connect_fails_worker(rank: int, world_size: int) -> dict[str, Any]:
     handler.emit = lambda record: warnings.append(record.getMessage())  # type: ignore[method-assign]
     logging.getLogger(host_all_reduce_module.__name__).addHandler(handler)
     counter = CollectiveCounter()
-    channel = host_all_reduce()
+    channel = host_channel()
     total = all_reduce_sum(torch.full((5,), rank + 1.0))
     return {"channel": channel, "total": total, "counts": counter.by_transport, "warnings": warnings}
 
@@ -118,10 +118,10 @@ def test_falls_back_to_torch_distributed_on_every_rank_if_one_cannot_connect() -
 
 
 def _peer_gone_worker(rank: int, world_size: int) -> dict[str, Any]:
-    channel = host_all_reduce()
+    channel = host_channel()
     assert channel is not None
     short = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=1))
-    short_channel = host_all_reduce(short)
+    short_channel = host_channel(short)
     assert short_channel is not None
     if rank == 1:
         time.sleep(2.5)  # rank 0 waits on the short-timeout group meanwhile
