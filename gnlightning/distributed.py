@@ -38,7 +38,7 @@ ProcessGroup = Any
 # Per-world caches, key -> (world group the value was created under, value); see _per_world.
 # group_size -> this rank's group of consecutive ranks.
 _CONSECUTIVE_GROUPS: dict[int, tuple[Any, ProcessGroup]] = {}
-# process group -> its HostAllReduce, or None when the group spans hosts.
+# process group -> its HostAllReduce, or None (a group of one rank, or one spanning hosts).
 _HOST_CHANNELS: dict[Any, tuple[Any, HostAllReduce | None]] = {}
 
 
@@ -97,24 +97,28 @@ def all_reduce_sum(tensor: torch.Tensor, group: ProcessGroup | None = None) -> t
     CPU is mostly this latency). The choice depends only on the device, the size and the group, which all ranks
     share, so they always take the same transport. Everything else is ``torch.distributed.all_reduce``.
     """
-    if group_world_size(group) <= 1:
-        return tensor
-    if tensor.device.type == "cpu" and tensor.numel() * tensor.element_size() <= MAX_BYTES:
+    if tensor.is_cpu and tensor.nbytes <= MAX_BYTES:
         channel = host_channel(group)
         if channel is not None:
             return channel.all_reduce_sum_(tensor)
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    if group_world_size(group) > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
 
 
 def host_channel(group: ProcessGroup | None = None) -> HostAllReduce | None:
-    """The host-local all_reduce channel of ``group`` (``None`` = world); ``None`` if its ranks span hosts.
+    """The host-local all_reduce channel of ``group`` (``None`` = world).
 
-    Created on the first call for a group, which is a collective: call it on every rank of the group at the same
-    point (as any collective; :func:`all_reduce_sum` does). Later calls are a dictionary lookup.
+    ``None`` when there is nothing to reduce over (not distributed, or a group of one rank) or when the group's
+    ranks span hosts. Created on the first call for a group, which is a collective: call it on every rank of the
+    group at the same point (as any collective; :func:`all_reduce_sum` does). Later calls are a dictionary lookup.
     """
+    if not is_distributed():
+        return None
     group = dist.group.WORLD if group is None else group
-    return _per_world(_HOST_CHANNELS, group, lambda: HostAllReduce.connect(group))
+    return _per_world(
+        _HOST_CHANNELS, group, lambda: HostAllReduce.connect(group) if dist.get_world_size(group) > 1 else None
+    )
 
 
 def new_consecutive_groups(group_size: int) -> ProcessGroup | None:
