@@ -329,24 +329,24 @@ def bench_syncbn_section(args: argparse.Namespace) -> Section:
     }
     rows = []
     for width, result in results.items():
-        ratio = result["syncbn_ms"] / result["bn_ms"]
-        section.add(f"width {width}: SyncBatchNorm / BatchNorm training step", ratio,
+        section.add(f"width {width}: SyncBatchNorm / BatchNorm training step", result["syncbn_ratio"][0],
                     Target("<=", bench_syncbn.TARGET_RATIO))
         rows.append([str(width), f"{result['bn_ms']:.2f}", f"{result['syncbn_ms']:.2f}", f"{result['no_comm_ms']:.2f}",
-                     f"{result['latency_us']:.0f}", f"{result['gloo_latency_us']:.0f}", f"{ratio:.3f}x",
-                     f"{result['no_comm_ms'] / result['bn_ms']:.3f}x"])
+                     f"{result['latency_us']:.0f}", f"{result['gloo_latency_us']:.0f}",
+                     *(bench_syncbn.format_ratio(result[key]) for key in ("syncbn_ratio", "no_comm_ratio"))])
     section.details = [
         (f"{syncbn_args.world_size} DDP processes x 1 thread (gloo), "
          f"{'each pinned to its own core' if syncbn_args.pin else 'not pinned'}; {syncbn_args.blocks} x [conv3x3, "
          f"norm, ReLU] + pool + linear, batch {syncbn_args.batch}/rank, {syncbn_args.size}x{syncbn_args.size}; "
-         f"median of {rounds} interleaved rounds x {syncbn_args.steps} steps. \"No collectives\" runs SyncBN's code "
+         f"median of {rounds} interleaved rounds x {syncbn_args.steps} steps; ratios are medians of per-round ratios, "
+         "with a distribution-free 95% confidence interval. \"No collectives\" runs SyncBN's code "
          "path over a group of one rank. \"all_reduce\" is the idle latency of one collective as SyncBN issues it "
          "(between ranks of one host: gnlightning's loopback channel), \"gloo all_reduce\" that of "
          "torch.distributed.all_reduce on the same payload. Details: `python scripts/bench_syncbn.py --help`."),
         "",
         *markdown_table(
             ["width", "BN (ms)", "SyncBN (ms)", "no collectives (ms)", "all_reduce (us)", "gloo all_reduce (us)",
-             "SyncBN / BN", "no collectives / BN"],
+             "SyncBN / BN (95% CI)", "no collectives / BN (95% CI)"],
             rows, "rrrrrrrr",
         ),
     ]
@@ -673,7 +673,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seg-model", default="deeplabv3_resnet50", choices=SEGMENTATION_MODELS, metavar="MODEL",
                         help="segmentation model of norms and memory (default deeplabv3_resnet50), one of: "
                         + ", ".join(SEGMENTATION_MODELS))
-    parser.add_argument("--seg-size", type=int, metavar="SIZE", help="its input height and width (default 128; 32 with --quick)")
+    parser.add_argument("--seg-size", type=int, metavar="SIZE",
+                        help="its input height and width (default 128; 32 with --quick)")
     parser.add_argument("--out", type=Path, default=Path("docs/bench"), help="writes bench.md and bench.json here")
     args = parser.parse_args(argv)
     args.syncbn_widths = args.syncbn_widths or ([8] if args.quick else [32, 64, 128])

@@ -89,3 +89,13 @@ def test_frozen_bn_saves_less_than_bn(bench) -> None:
     conv_parameter_bytes = (8 * 3 * 3 * 3 + 8) * 4
     assert frozen.parameters == conv_parameter_bytes and bn.parameters == conv_parameter_bytes + 2 * 8 * 4
     assert frozen.total < bn.total
+
+
+def test_median_confidence_interval_matches_the_binomial_order_statistics_table(bench) -> None:
+    # bench.py imports its sibling. The textbook ranks of the 95% interval for a median (binomial order
+    # statistics): n=15 -> 4th and 12th value (96.5% coverage), n=100 -> 40th and 61st (96.5%).
+    median_with_ci = sys.modules["bench_syncbn"].median_with_ci
+    assert median_with_ci([float(v) for v in range(1, 16)][::-1]) == (8.0, 4.0, 12.0)
+    assert median_with_ci([float(v) for v in range(1, 101)]) == (50.5, 40.0, 61.0)
+    # Too few values for 95% coverage between any pair of order statistics: the full range.
+    assert median_with_ci([3.0, 1.0, 2.0]) == (2.0, 1.0, 3.0)
