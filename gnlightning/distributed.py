@@ -15,12 +15,12 @@ This module must stay free of Lightning and Hydra imports: ``gnlightning.layers`
 
 from __future__ import annotations
 
-import operator
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
+from gnlightning.config_values import as_int
 from gnlightning.host_all_reduce import MAX_BYTES, HostAllReduce
 
 __all__ = [
@@ -147,11 +147,7 @@ def new_consecutive_groups(group_size: int) -> ProcessGroup | None:
     """
     world_size = group_world_size()
     valid = [size for size in range(1, world_size + 1) if world_size % size == 0]
-    try:
-        # operator.index accepts numpy / OmegaConf integers from configs, but not floats or strings.
-        size = operator.index(group_size) if not isinstance(group_size, bool) else None
-    except TypeError:
-        size = None
+    size = as_int(group_size)
     if size not in valid:
         where = "" if is_distributed() else " (torch.distributed is not initialized, so the world is this process)"
         raise ValueError(

@@ -331,7 +331,9 @@ def main() -> None:
             f"{latency * 1e3:.0f} us as SyncBN issues it (host-local channel), {gloo_latency * 1e3:.0f} us through "
             f"gloo; x {collectives} per step = {collectives * latency:.1f} ms "
             f"({collectives * latency / medians[BASELINE]:.1%} of the BN step; through gloo: "
-            f"{collectives * gloo_latency:.1f} ms)"
+            f"{collectives * gloo_latency:.1f} ms); in training they cost "
+            f"{medians[SYNC] - medians[NO_COMM]:.1f} ms per step (SyncBN minus its no-collectives row): the rest is "
+            "each rank waiting for the slower one at every sync point"
         )
     print()
     print("\n".join(verdicts))

@@ -209,6 +209,9 @@ MISTAKES = [
     pytest.param(lambda tmp_path, monkeypatch: new_consecutive_groups(3), ValueError,
                  ["group_size=3", "divisor of the world size 1", r"valid choices: \[1\]"],
                  id="sync-group-size-not-dividing-world"),
+    pytest.param(lambda tmp_path, monkeypatch: new_consecutive_groups(True), ValueError,
+                 ["group_size=True", "positive divisor", r"valid choices: \[1\]"],
+                 id="sync-group-size-bool"),
     # --- gnl-train configs (Hydra composition, schema, check_target, build)
     pytest.param(gnl("norm=gnn"), Exception,
                  ["norm/gnn", "Available options in 'norm'", "gn_ws"],

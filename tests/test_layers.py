@@ -2,6 +2,7 @@
 
 import logging
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,8 +10,8 @@ import torchvision
 from torch import nn
 
 from gnlightning import FrozenBatchNorm2d, WSConv2d
-from gnlightning.layers.ws_conv import _WSConv2dFunction
 from gnlightning.layers import create_norm, resolve_norm_name, resolve_num_groups
+from gnlightning.layers.ws_conv import _WSConv2dFunction
 
 
 def gn_paper_formula(x, num_groups, gamma, beta, eps=1e-5):
@@ -254,3 +255,15 @@ def test_frozen_bn_is_torchvision_frozen_and_stays_frozen():
     frozen.load_state_dict(torchvision.ops.FrozenBatchNorm2d(4).state_dict())
     torchvision.ops.FrozenBatchNorm2d(4).load_state_dict(frozen.state_dict())
     assert set(frozen.state_dict()) == set(bn.state_dict())
+
+
+def test_as_int_takes_integers_of_any_kind_and_nothing_else() -> None:
+    from omegaconf import OmegaConf
+
+    from gnlightning.config_values import as_int
+
+    config = OmegaConf.create({"groups": 32})
+    for value in (32, np.int64(32), torch.tensor(32), config.groups):
+        assert as_int(value) == 32 and type(as_int(value)) is int
+    for value in (True, 32.0, "32", None, np.float32(32)):
+        assert as_int(value) is None

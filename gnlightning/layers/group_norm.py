@@ -9,7 +9,8 @@ let strict users refuse instead.
 from __future__ import annotations
 
 import logging
-import operator
+
+from gnlightning.config_values import as_int
 
 __all__ = ["resolve_num_groups", "divisors"]
 
@@ -64,10 +65,7 @@ def resolve_num_groups(
 def _positive_int(value, option: str, meaning: str) -> int:
     """``value`` as an int, or an error naming the option, the value and an example (a float or a string from a
     config would otherwise fail later with an unrelated comparison error, or silently round)."""
-    try:
-        number = operator.index(value) if not isinstance(value, bool) else None
-    except TypeError:
-        number = None
+    number = as_int(value)
     if number is None:
         raise TypeError(f"{option} must be a positive integer number of {meaning}; got {value!r} "
                         f"({type(value).__name__})")
