@@ -7,7 +7,7 @@ thread and back. On a 2-vCPU VM those thread wake-ups cost 0.1-0.5 ms per all_re
 (a scheduler tick) in one call out of ten or more, while a plain TCP round trip between the same two processes
 takes 20-40 us. ``scripts/bench_syncbn.py`` prints both latencies side by side. Through gloo, collectives were most
 of SyncBN's cost on CPU (a 5-layer net of width 32: 1.42x BN's step time, of which 1.12x was the layer's own work);
-over this channel their idle latency adds up to ~1 ms per step there. Intel's oneCCL bindings solve the same
+over this channel their idle latency adds up to ~0.3 ms per step there. Intel's oneCCL bindings solve the same
 problem for CPU clusters, but are a separate, platform-specific install; this module needs nothing but sockets.
 
 Scope, deliberately narrow: CPU tensors up to :data:`MAX_BYTES`, in process groups whose ranks all run on this host

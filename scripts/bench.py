@@ -24,7 +24,7 @@ Sections (``--only`` picks some; all run by default):
 
 Output: the markdown report on stdout and in ``<out>/bench.md``; ``<out>/bench.json`` holds the raw medians, the
 ratios, targets, pass / fail and the machine. A missed target shows as MISS, but the exit code stays 0: this is a
-report, not a test. The default run takes about 5 minutes on 2 cores and wants an otherwise idle machine (the load
+report, not a test. The default run takes about 4 minutes on 2 cores and wants an otherwise idle machine (the load
 average is recorded); ``--quick`` shrinks every section to smoke-test size (its numbers mean nothing).
 
 Usage:  python scripts/bench.py [--only ws convert ...] [--threads N] [--out docs/bench] [--quick]
@@ -60,7 +60,7 @@ import bench_syncbn  # noqa: E402  (the sibling script, whose measurement is reu
 
 SECTIONS = ("ws", "syncbn", "norms", "convert", "memory")
 # Interleaved rounds per timed section: many for cheap conv layers, few for whole-model training steps.
-DEFAULT_ROUNDS = {"ws": 15, "syncbn": 16, "norms": 5}
+DEFAULT_ROUNDS = {"ws": 15, "syncbn": 32, "norms": 5}
 QUICK_ROUNDS = 2
 DEFAULT_REPEATS = 7
 BATCH = 2
@@ -329,7 +329,8 @@ def bench_syncbn_section(args: argparse.Namespace) -> Section:
     }
     rows = []
     for width, result in results.items():
-        section.add(f"width {width}: SyncBatchNorm / BatchNorm training step", result["syncbn_ratio"][0],
+        median, low, high = result["syncbn_ratio"]
+        section.add(f"width {width}: SyncBatchNorm / BatchNorm training step (95% CI {low:.3f}-{high:.3f})", median,
                     Target("<=", bench_syncbn.TARGET_RATIO))
         rows.append([str(width), f"{result['bn_ms']:.2f}", f"{result['syncbn_ms']:.2f}", f"{result['no_comm_ms']:.2f}",
                      f"{result['latency_us']:.0f}", f"{result['gloo_latency_us']:.0f}",
