@@ -134,6 +134,22 @@ def test_torchrun_launch_script_two_cpu_processes(tmp_path):
     assert results["settings"]["world_size"] == 2
 
 
+@pytest.mark.distributed
+def test_sweep_with_lightning_ddp_runs_each_job_on_two_ranks_in_its_own_directory(tmp_path):
+    # Lightning re-launches rank 1 of every job with that job's overrides and output directory (not "-m" again,
+    # which would start a sweep per rank); the sweep directory holds exactly the jobs.
+    result = run_cli(["-m", "norm=bn,gn", "trainer=ddp_cpu", *TINY, "run_test=false", "hydra.sweep.dir=sweep"],
+                     tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]
+    sweep = tmp_path / "sweep"
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
+    for job, norm in (("0", "bn"), ("1", "gn")):
+        settings = json.loads((sweep / job / "results.json").read_text())["settings"]
+        assert (settings["norm"], settings["world_size"], settings["total_batch_size"]) == (norm, 2, 4)
+        assert (sweep / job / "train_ddp_process_1.log").is_file()  # rank 1 ran inside this job's directory
+
+
 def test_sweep_2x2_produces_summary(tmp_path):
     result = run_cli(["-m", "norm=bn,gn", "data.batch_size=2,4", *TINY[:-4], "trainer.max_epochs=1",
                       "trainer.enable_progress_bar=false", "run_test=false", "hydra.sweep.dir=sweep"], tmp_path,
