@@ -1,6 +1,8 @@
 """Layers against independent references: the GN paper's reshape formula, torch's functional ops, timm."""
 
+import copy
 import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -131,6 +133,39 @@ def test_ws_conv_training_gradients_equal_the_autograd_formula(groups, stride, d
     assert torch.autograd.gradcheck(
         lambda inp, w: _WSConv2dFunction.apply(inp, w, None, 1e-6, (stride,) * 2, (1, 1), (dilation,) * 2, 2),
         (probe, weight))
+
+
+@pytest.mark.parametrize("backend", [
+    "aot_eager",  # AOTAutograd traces the custom autograd Function's forward and backward: what can break
+    pytest.param("inductor", marks=pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")),
+])
+def test_ws_conv_compiles_without_graph_breaks_to_the_same_values(backend):
+    """torch.compile(fullgraph=True) of a GN+WS block (an error at any graph break), against the textbook formula
+    in float64: training output and gradients, then the eval path (the cached standardized weight)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(WSConv2d(4, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU(), WSConv2d(8, 6, 1)).double()
+    x = torch.randn(2, 4, 9, 9, dtype=torch.double)
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    compiled(x).square().sum().backward()
+
+    reference = copy.deepcopy(model)  # same weights, no gradients
+
+    def forward(inp: torch.Tensor) -> torch.Tensor:
+        for module in reference:
+            if isinstance(module, WSConv2d):
+                inp = F.conv2d(inp, ws_formula(module.weight, module.eps), module.bias, module.stride, module.padding)
+            else:
+                inp = module(inp)
+        return inp
+
+    forward(x).square().sum().backward()
+    for (name, parameter), expected in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(parameter.grad, expected.grad, rtol=1e-9, atol=1e-9, msg=name)
+
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), forward(x), rtol=1e-10, atol=1e-10)
 
 
 def _saved_bytes(module: torch.nn.Module, x: torch.Tensor) -> int:
