@@ -25,7 +25,8 @@ _LAZY = {
 }
 
 __all__ = [
-    "convert_norms", "describe_norms", "prepare_for_export", "revert_sync_batchnorm", "FrozenBatchNorm2d", "SyncBatchNorm", "WSConv2d",
+    "convert_norms", "describe_norms", "prepare_for_export", "revert_sync_batchnorm",
+    "FrozenBatchNorm2d", "SyncBatchNorm", "WSConv2d",
     *_LAZY,
 ]
 

@@ -124,18 +124,19 @@ class HostAllReduce:
             dist.all_gather_object(errors, error, group=group)
         finally:
             listener.close()
+        ranks = dist.get_process_group_ranks(group)
         if any(errors):
             for connection in connections.values():
                 connection.close()
             log.warning(
                 "host-local all_reduce unavailable for a group of %d ranks (%s); using torch.distributed instead",
-                size, next(error for error in errors if error),
+                size, "; ".join(f"rank {rank}: {error}" for rank, error in zip(ranks, errors) if error),
             )
             return None
         timeout = _group_timeout(group)
         for connection in connections.values():
             connection.settimeout(timeout)
-        return cls(index, dist.get_process_group_ranks(group), connections, timeout)
+        return cls(index, ranks, connections, timeout)
 
     @staticmethod
     def _connect_mesh(

@@ -120,9 +120,9 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, li
         raise ValueError(f"model.options.num_classes={model_options['num_classes']}: the number of classes comes from "
                          f"the data (data has {data.num_classes}); remove it from the model config "
                          "(~model.options.num_classes) and set the data's classes instead")
+    image_size = _detection_size(data) if task_type == "detection" else None
     model = build_model(cfg.model.name, data.num_classes, norm=norm, norm_options=options,
-                        weights=cfg.model.weights, image_size=_detection_size(data) if task_type == "detection" else None,
-                        **model_options)
+                        weights=cfg.model.weights, image_size=image_size, **model_options)
     task_class = SegmentationTask if task_type == "segmentation" else DetectionTask
     task = task_class(model, num_classes=data.num_classes, optimizer=instantiate(cfg.optim.optimizer),
                       scheduler=instantiate(cfg.optim.scheduler), warmup_steps=cfg.optim.warmup_steps,

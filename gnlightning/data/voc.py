@@ -25,8 +25,8 @@ from gnlightning.data.coco import _GET_DATA
 from gnlightning.data.transforms import IGNORE_INDEX, build_transforms
 
 __all__ = [
-    "IMAGE_SUFFIXES", "VOC_CLASS_NAMES", "SegmentationPairs", "VOCLogic", "VOCDataModule", "folder_pairs", "read_class_mask",
-    "voc_base_dir", "voc_pairs",
+    "IMAGE_SUFFIXES", "VOC_CLASS_NAMES", "SegmentationPairs", "VOCLogic", "VOCDataModule", "folder_pairs",
+    "read_class_mask", "voc_base_dir", "voc_pairs",
 ]
 
 VOC_CLASS_NAMES = (

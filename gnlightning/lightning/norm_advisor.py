@@ -40,9 +40,10 @@ def _unsynced_bn(module: nn.Module) -> list[str]:
 
 
 class NormAdvisor(*bases("callbacks.Callback")):
-    """Warn once, when fit starts training, if unsynchronised BatchNorm trains on fewer than ``min_batch`` samples per device,
-    naming the batch size and the fixes (``norm=syncbn`` across devices, ``norm=gn_ws``, or PreciseBN). Silent when
-    everything is fine (no BN, synchronised BN over a large enough total batch, or a large per-device batch).
+    """Warn once, when fit starts training, if unsynchronised BatchNorm trains on fewer than ``min_batch`` samples per
+    device, naming the batch size and the fixes (``norm=syncbn`` across devices, ``norm=gn_ws``, or PreciseBN).
+    Silent when everything is fine (no BN, synchronised BN over a large enough total batch, or a large per-device
+    batch).
 
     With ``log_health=True`` it also logs, after every validation, two figures per model to the active logger:
     ``norm/bn_log_var_spread`` (standard deviation of log running variance over all BN channels: very large values
