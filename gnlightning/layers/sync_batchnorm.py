@@ -74,15 +74,14 @@ def _local_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
     lower.
     """
     count = x.numel() // x.size(1)
+    dims = [0, *range(2, x.dim())]
     if x.device.type == "cpu" and count >= _TWO_PASS_MIN_COUNT and x.is_contiguous():
-        dims = [0, *range(2, x.dim())]
         mean = x.sum(dims).div_(count)
         deviations = x - mean.view(1, -1, *([1] * (x.dim() - 2)))
         return mean, deviations.square_().sum(dims).div_(count)
     if x.device.type in _FUSED_STATS_DEVICES:
         # One pass, layout-aware (fast on channels_last).
         return torch.batch_norm_update_stats(x, None, None, 0.0)
-    dims = [0, *range(2, x.dim())]
     var, mean = torch.var_mean(x, dim=dims, correction=0)
     return mean, var
 
