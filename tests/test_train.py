@@ -13,6 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
 from gnlightning.train import build, world_size
+from tests._dist import free_port
 
 CONF = Path(__file__).parents[1] / "gnlightning" / "conf"
 TINY = ["data.num_train=8", "data.num_val=4", "data.num_test=4", "data.image_size=32", "data.batch_size=2",
@@ -133,6 +134,25 @@ def test_torchrun_launch_script_two_cpu_processes(tmp_path):
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["settings"]["world_size"] == 2
 
+
+
+@pytest.mark.distributed
+def test_slurm_batch_script_under_srun_trains_on_the_tasks_of_the_allocation(tmp_path):
+    # scripts/slurm.sbatch as SLURM would run it in a one-node allocation of two tasks, with a stand-in srun that
+    # starts the tasks with SLURM's per-task variables. Lightning must take ranks and world size from SLURM: had it
+    # started processes of its own, each task would build a world of its own on the same port and fail or hang.
+    # The script must hand it the allocation's shape (Lightning refuses devices != SLURM_NTASKS_PER_NODE).
+    script = Path(__file__).parents[1] / "scripts" / "slurm.sbatch"
+    fake_slurm = Path(__file__).parent / "fake_slurm"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "gnl-train",
+           "SLURM_NNODES": "1", "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NODELIST": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "RUN_DIR": str(tmp_path / "run"),
+           "PATH": os.pathsep.join([str(fake_slurm), str(Path(sys.executable).parent), os.environ["PATH"]])}
+    result = subprocess.run(["bash", str(script), "trainer.accelerator=cpu", "trainer.precision=32-true", *TINY],
+                            cwd=tmp_path, env=env, timeout=300, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    settings = json.loads((tmp_path / "run" / "results.json").read_text())["settings"]
+    assert (settings["world_size"], settings["total_batch_size"]) == (2, 4)
 
 @pytest.mark.distributed
 def test_sweep_with_lightning_ddp_runs_each_job_on_two_ranks_in_its_own_directory(tmp_path):
