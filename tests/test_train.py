@@ -16,6 +16,8 @@ from gnlightning.train import build, world_size
 from tests._dist import free_port
 
 CONF = Path(__file__).parents[1] / "gnlightning" / "conf"
+# Stand-ins for SLURM's sbatch and srun on one node, for the SLURM launch paths.
+FAKE_SLURM = Path(__file__).parent / "fake_slurm"
 TINY = ["data.num_train=8", "data.num_val=4", "data.num_test=4", "data.image_size=32", "data.batch_size=2",
         "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1"]
 
@@ -143,16 +145,37 @@ def test_slurm_batch_script_under_srun_trains_on_the_tasks_of_the_allocation(tmp
     # started processes of its own, each task would build a world of its own on the same port and fail or hang.
     # The script must hand it the allocation's shape (Lightning refuses devices != SLURM_NTASKS_PER_NODE).
     script = Path(__file__).parents[1] / "scripts" / "slurm.sbatch"
-    fake_slurm = Path(__file__).parent / "fake_slurm"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "gnl-train",
            "SLURM_NNODES": "1", "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NODELIST": "127.0.0.1",
            "MASTER_PORT": str(free_port()), "RUN_DIR": str(tmp_path / "run"),
-           "PATH": os.pathsep.join([str(fake_slurm), str(Path(sys.executable).parent), os.environ["PATH"]])}
+           "PATH": os.pathsep.join([str(FAKE_SLURM), str(Path(sys.executable).parent), os.environ["PATH"]])}
     result = subprocess.run(["bash", str(script), "trainer.accelerator=cpu", "trainer.precision=32-true", *TINY],
                             cwd=tmp_path, env=env, timeout=300, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     settings = json.loads((tmp_path / "run" / "results.json").read_text())["settings"]
     assert (settings["world_size"], settings["total_batch_size"]) == (2, 4)
+
+
+@pytest.mark.distributed
+def test_sweep_as_slurm_array_jobs_each_trains_on_two_tasks(tmp_path):
+    # gnl-train -m hydra/launcher=slurm through the real hydra-submitit-launcher and submitit, down to sbatch: a
+    # stand-in sbatch runs the array's jobs on this machine with the allocation's variables (no sacct: submitit then
+    # waits for each job's result file, as it says in its warning). Every job is one DDP world of two SLURM tasks.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port()),
+           "PATH": os.pathsep.join([str(FAKE_SLURM), str(Path(sys.executable).parent), os.environ["PATH"]])}
+    result = subprocess.run(
+        [sys.executable, "-m", "gnlightning.train", "-m", "hydra/launcher=slurm", "norm=bn,gn", "trainer=ddp_cpu",
+         "hydra.launcher.tasks_per_node=2", "hydra.launcher.gpus_per_node=null", "hydra.launcher.cpus_per_task=1",
+         "hydra.launcher.mem_gb=null", *TINY, "run_test=false", "hydra.sweep.dir=sweep"],
+        cwd=tmp_path, env=env, timeout=300, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep = tmp_path / "sweep"
+    for job, norm in (("0", "bn"), ("1", "gn")):
+        settings = json.loads((sweep / job / "results.json").read_text())["settings"]
+        assert (settings["norm"], settings["world_size"]) == (norm, 2)
+    # submitit ran each job as SLURM tasks 0 and 1 of an array job (its result files are named after them)
+    assert sorted(path.name.split("_", 1)[1] for path in sweep.glob(".submitit/*/*_result.pkl")) == [
+        "0_0_result.pkl", "0_1_result.pkl", "1_0_result.pkl", "1_1_result.pkl"]
 
 @pytest.mark.distributed
 def test_sweep_with_lightning_ddp_runs_each_job_on_two_ranks_in_its_own_directory(tmp_path):
