@@ -126,16 +126,21 @@ def test_gnl_train_ddp_cpu_one_output_directory(tmp_path):
 
 
 @pytest.mark.distributed
+def launch_env(*path_dirs: Path, **variables: str) -> dict[str, str]:
+    """Environment for a launch script: one thread per process, ``path_dirs`` then this interpreter's scripts (where
+    gnl-train and torchrun are) first on PATH, plus ``variables``."""
+    path = os.pathsep.join([*map(str, path_dirs), str(Path(sys.executable).parent), os.environ["PATH"]])
+    return {**os.environ, "OMP_NUM_THREADS": "1", **variables, "PATH": path}
+
+
 def test_torchrun_launch_script_two_cpu_processes(tmp_path):
     script = Path(__file__).parents[1] / "scripts" / "launch_torchrun.sh"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "NPROC": "2", "RUN_DIR": str(tmp_path / "run"),
-           "MASTER_PORT": "29533", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = launch_env(NPROC="2", RUN_DIR=str(tmp_path / "run"), MASTER_PORT=str(free_port()))
     result = subprocess.run(["bash", str(script), "trainer=ddp_cpu", *TINY], cwd=tmp_path, env=env, timeout=300,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["settings"]["world_size"] == 2
-
 
 
 @pytest.mark.distributed
@@ -145,10 +150,9 @@ def test_slurm_batch_script_under_srun_trains_on_the_tasks_of_the_allocation(tmp
     # started processes of its own, each task would build a world of its own on the same port and fail or hang.
     # The script must hand it the allocation's shape (Lightning refuses devices != SLURM_NTASKS_PER_NODE).
     script = Path(__file__).parents[1] / "scripts" / "slurm.sbatch"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "gnl-train",
-           "SLURM_NNODES": "1", "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NODELIST": "127.0.0.1",
-           "MASTER_PORT": str(free_port()), "RUN_DIR": str(tmp_path / "run"),
-           "PATH": os.pathsep.join([str(FAKE_SLURM), str(Path(sys.executable).parent), os.environ["PATH"]])}
+    env = launch_env(FAKE_SLURM, SLURM_JOB_ID="4242", SLURM_JOB_NAME="gnl-train", SLURM_NNODES="1", SLURM_NTASKS="2",
+                     SLURM_NTASKS_PER_NODE="2", SLURM_NODELIST="127.0.0.1", MASTER_PORT=str(free_port()),
+                     RUN_DIR=str(tmp_path / "run"))
     result = subprocess.run(["bash", str(script), "trainer.accelerator=cpu", "trainer.precision=32-true", *TINY],
                             cwd=tmp_path, env=env, timeout=300, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -161,8 +165,7 @@ def test_sweep_as_slurm_array_jobs_each_trains_on_two_tasks(tmp_path):
     # gnl-train -m hydra/launcher=slurm through the real hydra-submitit-launcher and submitit, down to sbatch: a
     # stand-in sbatch runs the array's jobs on this machine with the allocation's variables (no sacct: submitit then
     # waits for each job's result file, as it says in its warning). Every job is one DDP world of two SLURM tasks.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port()),
-           "PATH": os.pathsep.join([str(FAKE_SLURM), str(Path(sys.executable).parent), os.environ["PATH"]])}
+    env = launch_env(FAKE_SLURM, MASTER_PORT=str(free_port()))
     result = subprocess.run(
         [sys.executable, "-m", "gnlightning.train", "-m", "hydra/launcher=slurm", "norm=bn,gn", "trainer=ddp_cpu",
          "hydra.launcher.tasks_per_node=2", "hydra.launcher.gpus_per_node=null", "hydra.launcher.cpus_per_task=1",
@@ -176,6 +179,7 @@ def test_sweep_as_slurm_array_jobs_each_trains_on_two_tasks(tmp_path):
     # submitit ran each job as SLURM tasks 0 and 1 of an array job (its result files are named after them)
     assert sorted(path.name.split("_", 1)[1] for path in sweep.glob(".submitit/*/*_result.pkl")) == [
         "0_0_result.pkl", "0_1_result.pkl", "1_0_result.pkl", "1_1_result.pkl"]
+
 
 @pytest.mark.distributed
 def test_sweep_with_lightning_ddp_runs_each_job_on_two_ranks_in_its_own_directory(tmp_path):
