@@ -361,6 +361,8 @@ def test_consecutive_groups_keep_statistics_per_group() -> None:
         ((2, 3, 64, 64), False, True),  # large contiguous planes: two summations
         ((2, 3, 64, 64), True, False),  # channels_last: the fused kernel is the fast one there
         ((2, 3, 4, 5), False, False),  # small planes: the fused kernel's lower fixed cost wins
+        ((2, 64, 16, 16), False, True),  # 512 values per channel, 32K in all: two summations
+        ((2, 16, 16, 16), False, False),  # 512 per channel but 8K in all: fused
         ((8192, 3), False, True),
     ],
 )
