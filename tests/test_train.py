@@ -99,10 +99,16 @@ def test_wrong_type_in_target_config_names_key_and_type(tmp_path):
         build(cfg)
 
 
-def run_cli(args, cwd, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "gnlightning.train", *args], cwd=cwd, env=env, timeout=timeout,
-                          capture_output=True, text=True, check=False)
+def launch_env(*path_dirs: Path, **variables: str) -> dict[str, str]:
+    """Environment for gnl-train and its launch scripts: one thread per process, ``path_dirs`` then this
+    interpreter's scripts (where gnl-train and torchrun are) first on PATH, plus ``variables``."""
+    path = os.pathsep.join([*map(str, path_dirs), str(Path(sys.executable).parent), os.environ["PATH"]])
+    return {**os.environ, "OMP_NUM_THREADS": "1", **variables, "PATH": path}
+
+
+def run_cli(args, cwd, timeout=300, env=None):
+    return subprocess.run([sys.executable, "-m", "gnlightning.train", *args], cwd=cwd, env=env or launch_env(),
+                          timeout=timeout, capture_output=True, text=True, check=False)
 
 
 def test_gnl_train_end_to_end_single_process(tmp_path):
@@ -126,13 +132,6 @@ def test_gnl_train_ddp_cpu_one_output_directory(tmp_path):
 
 
 @pytest.mark.distributed
-def launch_env(*path_dirs: Path, **variables: str) -> dict[str, str]:
-    """Environment for a launch script: one thread per process, ``path_dirs`` then this interpreter's scripts (where
-    gnl-train and torchrun are) first on PATH, plus ``variables``."""
-    path = os.pathsep.join([*map(str, path_dirs), str(Path(sys.executable).parent), os.environ["PATH"]])
-    return {**os.environ, "OMP_NUM_THREADS": "1", **variables, "PATH": path}
-
-
 def test_torchrun_launch_script_two_cpu_processes(tmp_path):
     script = Path(__file__).parents[1] / "scripts" / "launch_torchrun.sh"
     env = launch_env(NPROC="2", RUN_DIR=str(tmp_path / "run"), MASTER_PORT=str(free_port()))
@@ -165,12 +164,11 @@ def test_sweep_as_slurm_array_jobs_each_trains_on_two_tasks(tmp_path):
     # gnl-train -m hydra/launcher=slurm through the real hydra-submitit-launcher and submitit, down to sbatch: a
     # stand-in sbatch runs the array's jobs on this machine with the allocation's variables (no sacct: submitit then
     # waits for each job's result file, as it says in its warning). Every job is one DDP world of two SLURM tasks.
-    env = launch_env(FAKE_SLURM, MASTER_PORT=str(free_port()))
-    result = subprocess.run(
-        [sys.executable, "-m", "gnlightning.train", "-m", "hydra/launcher=slurm", "norm=bn,gn", "trainer=ddp_cpu",
-         "hydra.launcher.tasks_per_node=2", "hydra.launcher.gpus_per_node=null", "hydra.launcher.cpus_per_task=1",
-         "hydra.launcher.mem_gb=null", *TINY, "run_test=false", "hydra.sweep.dir=sweep"],
-        cwd=tmp_path, env=env, timeout=300, capture_output=True, text=True)
+    result = run_cli(["-m", "hydra/launcher=slurm", "norm=bn,gn", "trainer=ddp_cpu",
+                      "hydra.launcher.tasks_per_node=2", "hydra.launcher.gpus_per_node=null",
+                      "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=null",
+                      *TINY, "run_test=false", "hydra.sweep.dir=sweep"],
+                     tmp_path, env=launch_env(FAKE_SLURM, MASTER_PORT=str(free_port())))
     assert result.returncode == 0, result.stderr[-3000:]
     sweep = tmp_path / "sweep"
     for job, norm in (("0", "bn"), ("1", "gn")):
