@@ -29,18 +29,26 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from gnlightning.layers.batchnorm_xd import BatchNormXd
 from gnlightning.layers.create_norm import create_norm, resolve_norm_name
 from gnlightning.layers.frozen_bn import FrozenBatchNorm2d
-from gnlightning.layers.group_norm import resolve_num_groups
+from gnlightning.layers.group_norm import (MIN_VALUES_PER_GROUP, GroupSizeCheck, degenerate_message, feature_groups,
+                                           resolve_num_groups)
 from gnlightning.layers.norm_act import SyncBatchNormAct
 from gnlightning.layers.sync_batchnorm import SyncBatchNorm
 from gnlightning.layers.ws_conv import WSConv2d
 
-__all__ = ["convert_norms", "revert_sync_batchnorm", "describe_norms", "NormRow", "NormTable", "ConversionReport"]
+__all__ = ["convert_norms", "revert_sync_batchnorm", "describe_norms", "NormRow", "NormTable", "ConversionReport",
+           "NormConversionWarning"]
 
 log = logging.getLogger("gnlightning")
 
 # BatchNorm classes whose constructor is the standard one, so a reverted layer can be rebuilt as exactly that class.
 _PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, BatchNormXd)
 _SYNC_BN = (nn.SyncBatchNorm, SyncBatchNorm)
+# Skips the user asked for; every other skip is a surprise and is reported as a warning (or raised with strict).
+_INTENDED_SKIPS = ("not included", "excluded")
+
+
+class NormConversionWarning(UserWarning):
+    """A conversion that did not do all it was asked, or built a layer that cannot normalize well."""
 
 
 def _timm_layers():
@@ -102,6 +110,7 @@ class _Source:
     channels: int
     eps: float
     affine: bool
+    bias: bool
     momentum: float | None
     track_running_stats: bool
     bn_class: type[nn.Module] | None
@@ -109,17 +118,19 @@ class _Source:
 
     @classmethod
     def read(cls, name: str, module: nn.Module, kind: str) -> "_Source":
+        bias = getattr(module, "bias", None) is not None
         if kind == "gn":
-            return cls(name, module, kind, module.num_channels, module.eps, module.affine, 0.1, True, None,
+            return cls(name, module, kind, module.num_channels, module.eps, module.affine, bias, 0.1, True, None,
                        module.num_groups)
-        if kind == "frozen_bn":
-            return cls(name, module, kind, module.weight.shape[0], module.eps, True,
+        if kind == "frozen_bn":  # a frozen layer always holds weight and bias buffers; the source may not have
+            return cls(name, module, kind, module.weight.shape[0], module.eps,
+                       getattr(module, "_source_affine", True), getattr(module, "_source_bias", True),
                        getattr(module, "_source_momentum", 0.1), True, getattr(module, "_source_class", None), None)
         if type(module) in _PLAIN_BN:
             bn_class = type(module)
         else:
             bn_class = getattr(module, "_source_class", None)
-        return cls(name, module, kind, module.num_features, module.eps, module.affine, module.momentum,
+        return cls(name, module, kind, module.num_features, module.eps, module.affine, bias, module.momentum,
                    module.track_running_stats, bn_class, None)
 
     @property
@@ -140,6 +151,11 @@ class ConversionReport:
     unchanged: int = 0
     wrapped: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (layer name, reason)
+    warnings: list[str] = field(default_factory=list)  # what the caller must show at WARNING level
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.converted or self.wrapped)
 
     def __str__(self) -> str:
         parts = [f"converted {n} {src} -> {dst}" for (src, dst), n in self.converted.items()] or ["converted nothing"]
@@ -215,15 +231,53 @@ def _is_target(source: _Source, norm: str, groups: int | None) -> bool:
     return source.kind == "gn" and source.groups == groups
 
 
-def _target_groups(source: _Source, norm: str, options: dict) -> int | None:
+def _feeds_features(previous: nn.Module | None, source: _Source) -> bool:
+    """Whether the layer normalizes ``(N, C)`` features, one value per channel: it follows an ``nn.Linear`` of its
+    width (the MLP block Linear -> BatchNorm1d), so a GroupNorm there sees ``C / G`` values per group."""
+    source_class = source.bn_class or type(source.module)
+    return (isinstance(previous, nn.Linear) and previous.out_features == source.channels
+            and not issubclass(source_class, (nn.BatchNorm2d, nn.BatchNorm3d)))
+
+
+def _target_groups(source: _Source, norm: str, options: dict, features: bool) -> int | None:
     if norm in ("bn", "syncbn", "frozen_bn"):
         return None
     if norm == "ln":
         return 1
     if norm == "in":
         return source.channels
-    return resolve_num_groups(source.channels, options["num_groups"], options["group_size"],
-                              strict=options["strict"], layer_name=source.name)
+    resolve = feature_groups if features else resolve_num_groups
+    return resolve(source.channels, options["num_groups"], options["group_size"], strict=options["strict"],
+                   layer_name=source.name)
+
+
+# Why a skip happened -> what the user can do about it.
+_SKIP_FIXES = {
+    "no running statistics to freeze": (
+        "frozen_bn freezes BatchNorm statistics; for a GroupNorm model use norm='gn' (or set requires_grad=False on "
+        "the norm parameters to freeze them), or leave these layers out with exclude="),
+    "not a plain Conv2d": (
+        "Weight Standardization replaces nn.Conv2d only (a subclass's own forward would be lost); leave these "
+        "convolutions out with exclude=, or pass ws=False"),
+}
+
+
+def _skip_warnings(norm: str, module: nn.Module, report: ConversionReport, strict: bool) -> None:
+    """One warning per kind of unexpected skip, naming the layers and the fix; with ``strict``, an error."""
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in report.skipped:
+        if reason not in _INTENDED_SKIPS:
+            key = "not a plain Conv2d" if reason.endswith("is not a plain Conv2d") else reason
+            by_reason.setdefault(key, []).append(f"{name!r} ({type(module.get_submodule(name)).__name__})")
+    for reason, layers in by_reason.items():
+        nothing = "nothing to freeze, the model is unchanged: " if (
+            norm == "frozen_bn" and not report.converted and not report.unchanged) else ""
+        shown = ", ".join(layers[:5]) + (f" and {len(layers) - 5} more" if len(layers) > 5 else "")
+        message = (f"convert_norms({norm!r}): {nothing}left {len(layers)} layer(s) as they are ({reason}): {shown}. "
+                   f"{_SKIP_FIXES.get(reason, '')}")
+        if strict:
+            raise ValueError(message + " (raised because strict=True; the model is unchanged)")
+        report.warnings.append(message)
 
 
 def _build(source: _Source, norm: str, groups: int | None, options: dict) -> nn.Module:
@@ -242,12 +296,13 @@ def _build(source: _Source, norm: str, groups: int | None, options: dict) -> nn.
                                              **factory)
         else:
             new = create_norm("bn", source.channels, eps=eps, momentum=source.momentum, affine=source.affine,
-                              track_running_stats=source.track_running_stats,
+                              bias=source.bias, track_running_stats=source.track_running_stats,
                               bn_class=source.bn_class or BatchNormXd, **factory)
     elif norm == "syncbn":
         cls = SyncBatchNormAct if fused else SyncBatchNorm
         new = cls(source.channels, eps=eps, momentum=source.momentum, affine=source.affine,
-                  track_running_stats=source.track_running_stats, process_group=options["process_group"], **factory)
+                  track_running_stats=source.track_running_stats, process_group=options["process_group"], **factory,
+                  **({} if source.bias else {"bias": False}))
         new._source_class = source.bn_class
     elif norm == "frozen_bn":
         if fused:
@@ -256,11 +311,13 @@ def _build(source: _Source, norm: str, groups: int | None, options: dict) -> nn.
             new = FrozenBatchNorm2d(source.channels, eps=eps, **factory)
         new._source_class = source.bn_class
         new._source_momentum = source.momentum
+        new._source_affine, new._source_bias = source.affine, source.bias
     elif fused:
         new = timm_layers.GroupNormAct(source.channels, num_groups=groups, eps=eps, affine=source.affine,
                                        apply_act=False, **factory)
     else:
-        new = nn.GroupNorm(groups, source.channels, eps=eps, affine=source.affine, **factory)
+        new = create_norm("gn", source.channels, num_groups=groups, eps=eps, affine=source.affine, bias=source.bias,
+                          **factory)
     if fused:
         new.act, new.drop = old.act, old.drop
     _carry_state(old, new)
@@ -345,11 +402,8 @@ def _convert(module: nn.Module, norm: str, options: dict[str, Any],
         if only is not None and not isinstance(child, only):
             continue
         reason = scope.why_not(name)
-        if reason is None and target == "frozen_bn":
-            if isinstance(child, (nn.BatchNorm1d, nn.BatchNorm3d)):
-                reason = "frozen_bn is 2D only"
-            elif getattr(child, "running_mean", None) is None:
-                reason = "no running statistics to freeze"
+        if reason is None and target == "frozen_bn" and getattr(child, "running_mean", None) is None:
+            reason = "no running statistics to freeze"
         if reason is not None:
             report.skipped.append((name, reason))
             continue
@@ -357,13 +411,24 @@ def _convert(module: nn.Module, norm: str, options: dict[str, Any],
         previous = order[-2][1] if len(order) > 1 else None
         if isinstance(previous, nn.Conv2d) and previous.out_channels == source.channels:
             ws_candidates.append(order[-2])
-        groups = _target_groups(source, target, options)
+        features = _feeds_features(previous, source)
+        groups = _target_groups(source, target, options, features)
         if _is_target(source, target, groups):
             report.unchanged += 1
             if target == "syncbn" and process_group is not None:
                 resync.append(child)
             continue
         new = _build(source, target, groups, options)
+        if groups is not None and features:  # (N, C) input: the values per group are known now
+            values = source.channels // groups
+            if values < MIN_VALUES_PER_GROUP:
+                message = degenerate_message(name, values, groups, source.channels,
+                                             f"(N, {source.channels}) features after {order[-2][0]!r}")
+                if strict:
+                    raise ValueError(message + " (raised because strict=True; the model is unchanged)")
+                report.warnings.append(message)
+        elif groups is not None:  # depends on the input's spatial size: checked at the first forward
+            new.register_forward_pre_hook(GroupSizeCheck(name, strict))
         replacements[name] = new
         report.converted[(type(child).__name__, type(new).__name__)] += 1
 
@@ -396,25 +461,15 @@ def _convert(module: nn.Module, norm: str, options: dict[str, Any],
                            f"layer (with matching channels) to wrap with Weight Standardization, though "
                            f"{len(in_scope)} Conv2d are in scope; pass ws=True to wrap every Conv2d in scope, or "
                            f"{no_ws} for no WS")
-            warnings.warn(message, stacklevel=3)
+            if last_norm is not None:  # a model without any norm layer gets the one warning below
+                report.warnings.append(message)
         report.wrapped = len(conv_names)
 
     if last_norm is None:
-        warnings.warn(
+        report.warnings.append(
             f"convert_norms({norm!r}): {type(module).__name__} has no BatchNorm, SyncBatchNorm, FrozenBatchNorm2d or "
-            "GroupNorm layer; returning it unchanged",
-            stacklevel=3,
-        )
-    if target == "frozen_bn" and not report.converted and not report.unchanged:
-        stateless = [name for name, reason in report.skipped if reason == "no running statistics to freeze"]
-        if stateless:
-            warnings.warn(
-                f"convert_norms('frozen_bn'): nothing to freeze, the model is unchanged: its {len(stateless)} norm "
-                f"layer(s) in scope (e.g. {stateless[0]!r}, {type(module.get_submodule(stateless[0])).__name__}) "
-                "keep no running statistics. frozen_bn freezes BatchNorm statistics; for a GroupNorm model use "
-                "norm='gn' (or set requires_grad=False on the norm parameters to freeze them)",
-                stacklevel=3,
-            )
+            "GroupNorm layer; returning it unchanged")
+    _skip_warnings(norm, module, report, strict)
     scope.warn_unused([name for name, child in order if norm_kind(child) is not None])
 
     # Phase 2: apply. Plain attribute assignments; nothing here can fail half way.
@@ -453,7 +508,10 @@ def convert_norms(
         num_groups: groups per GroupNorm for ``gn`` / ``gn_ws`` (default 32, as in the GN paper).
         group_size: for ``gn`` / ``gn_ws``, channels per group instead of ``num_groups``; for ``syncbn``, the
             number of consecutive ranks that share statistics (needs an initialised process group).
-        strict: raise instead of picking the nearest divisor when the group request does not divide a layer.
+        strict: raise instead of warning: when the group request does not divide a layer (instead of using the
+            nearest divisor), when a layer in scope cannot be converted (instead of leaving it), and when a
+            GroupNorm would normalize fewer than 8 values per group (at conversion where the input shape is
+            clear, else at the layer's first forward).
         ws: Weight Standardization on the convolutions: ``"auto"`` (default for ``gn_ws``) wraps each plain Conv2d
             registered right before a converted norm layer with matching channels, ``True`` every Conv2d in scope,
             ``False`` (default otherwise) none.
@@ -465,11 +523,22 @@ def convert_norms(
 
     Recognised source layers: BatchNorm1d/2d/3d, torch and gnlightning SyncBatchNorm, torchvision and timm
     FrozenBatchNorm2d, GroupNorm, and timm's fused norm+act layers (whose activation and dropout are kept).
-    Affine values, running statistics, device, dtype, requires_grad, train/eval mode and module names are kept.
+    Affine values, running statistics, device, dtype, requires_grad, train/eval mode and module names are kept;
+    no parameter is added or dropped (a BatchNorm without affine or bias gives a GroupNorm / SyncBatchNorm without
+    them, and a frozen layer remembers them for the way back).
+
+    Loud, never silently wrong: layers left unconverted for a reason the user did not ask for (e.g. ``frozen_bn``
+    on a layer without running statistics) and GroupNorms over too few values per group (``in`` or 32 groups on
+    the ``(N, C)`` features of an MLP) give a :class:`NormConversionWarning` naming the layer and the fix, or a
+    ValueError with ``strict=True``. For ``(N, C)`` features (a norm right after an ``nn.Linear``) ``gn`` uses at
+    least 16 channels per group unless ``group_size`` says otherwise; every other converted GroupNorm checks its
+    values per group at its first forward.
     """
     options = {key: value for key, value in locals().items() if key not in ("module", "norm")}
     converted, report = _convert(module, norm, options)
     log.info("convert_norms(%s): %s", report.norm, report)
+    for message in report.warnings:
+        warnings.warn(message, NormConversionWarning, stacklevel=2)
     return converted
 
 

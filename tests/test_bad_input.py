@@ -201,7 +201,7 @@ MISTAKES = [
                  ["got 'yes'", "'auto', True or False"],
                  id="ws-not-a-choice"),
     pytest.param(converting(gn_net, "frozen_bn"), UserWarning,
-                 ["nothing to freeze", "'1', GroupNorm", "norm='gn'"],
+                 ["nothing to freeze", r"'1' \(GroupNorm\)", "norm='gn'"],
                  id="frozen-bn-without-batchnorm"),
     pytest.param(converting(conv_net, "syncbn", group_size=2), ValueError,
                  ["group_size=2", "initialised torch.distributed", r"SyncBatchNormPlugin\(group_size=...\)"],

@@ -55,12 +55,13 @@ def assert_same_state(a, b):
 def test_gn_ws_conversion_replaces_and_wraps_exactly():
     model = randomized(Net())
     original = copy.deepcopy(model)
-    out = convert_norms(model, "GN+WS")
+    with pytest.warns(UserWarning, match=r"'fc_bn' \(1 groups over 4 channels.*only 4 value\(s\) per group"):
+        out = convert_norms(model, "GN+WS")
     assert out is model
     kinds = {name: type(m) for name, m in model.named_modules()}
     assert kinds["stem.1"] is nn.GroupNorm and model.stem[1].num_groups == 32
     assert model.body[1].num_groups == 24  # 32 does not divide 48: largest divisor below
-    assert model.fc_bn.num_groups == 4
+    assert model.fc_bn.num_groups == 1  # (N, 4) features: one group (4 would leave one value per group)
     # WS wraps exactly the convs followed by a converted norm with matching channels
     assert kinds["stem.0"] is WSConv2d and kinds["body.0"] is WSConv2d and kinds["head.0"] is WSConv2d
     assert kinds["head.2"] is nn.Conv2d
@@ -86,11 +87,12 @@ def test_bn_syncbn_frozen_round_trips_are_exact():
     assert_same_state(back, reference)
     frozen = convert_norms(back, "frozen_bn")
     assert type(frozen.stem[1]) is FrozenBatchNorm2d
-    assert type(frozen.fc_bn) is nn.BatchNorm1d  # torchvision's FrozenBatchNorm2d is 4D only: skipped
+    assert type(frozen.fc_bn) is FrozenBatchNorm2d  # (N, C) features freeze too
     assert_same_state(frozen, reference)
     torch.testing.assert_close(frozen(x), expected)
     again = convert_norms(frozen, "bn")
     assert type(again.stem[1]) is nn.BatchNorm2d and again.stem[1].momentum == reference.stem[1].momentum
+    assert type(again.fc_bn) is nn.BatchNorm1d
     assert_same_state(again, reference)
     torch.testing.assert_close(again(x), expected, rtol=0, atol=0)
 
@@ -167,9 +169,10 @@ def test_ws_forced_and_disabled():
     assert not any(isinstance(m, WSConv2d) for m in model.modules())
     model = convert_norms(Net(), "bn", ws=True)
     assert isinstance(model.head[2], WSConv2d)  # every plain conv, also the one before no norm
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
         convert_norms(model, "gn_ws")  # convs already standardized: nothing to complain about
+    assert not [w for w in record if "Weight Standardization" in str(w.message)]
 
 
 def test_describe_norms_table():

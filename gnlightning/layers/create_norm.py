@@ -56,6 +56,7 @@ def create_norm(
     eps: float = 1e-5,
     momentum: float | None = 0.1,
     affine: bool = True,
+    bias: bool = True,
     track_running_stats: bool = True,
     process_group: torch.distributed.ProcessGroup | None = None,
     bn_class: type[nn.Module] = nn.BatchNorm2d,
@@ -66,13 +67,16 @@ def create_norm(
     """A fresh norm layer over ``num_channels`` channels (channels first, like every norm in timm).
 
     ``gn_ws`` gives the GroupNorm half of GN+WS; the WS half lives in the convolution (``WSConv2d``).
-    ``momentum`` and ``track_running_stats`` concern the BatchNorm family only; ``affine`` all but frozen_bn
-    (whose scale and shift are fixed buffers).
+    ``momentum`` and ``track_running_stats`` concern the BatchNorm family only; ``affine`` and ``bias`` (a learnt
+    shift, with ``affine``) all but frozen_bn (whose scale and shift are fixed buffers).
     ``layer_name`` only makes group-policy messages name the layer being built.
     """
     norm = resolve_norm_name(norm)
     factory = {"device": device, "dtype": dtype}
-    batch_norm = {"eps": eps, "momentum": momentum, "affine": affine, "track_running_stats": track_running_stats}
+    # ``bias`` only when False, so torch versions predating the keyword still work with the default.
+    no_bias = {} if bias else {"bias": False}
+    batch_norm = {"eps": eps, "momentum": momentum, "affine": affine, "track_running_stats": track_running_stats,
+                  **no_bias}
     if norm == "bn":
         return bn_class(num_channels, **batch_norm, **factory)
     if norm == "syncbn":
@@ -85,4 +89,4 @@ def create_norm(
         groups = num_channels
     else:
         groups = resolve_num_groups(num_channels, num_groups, group_size, strict=strict, layer_name=layer_name)
-    return nn.GroupNorm(groups, num_channels, eps=eps, affine=affine, **factory)
+    return nn.GroupNorm(groups, num_channels, eps=eps, affine=affine, **no_bias, **factory)

@@ -2,6 +2,7 @@
 
 Detection models fine-tune ImageNet backbones at 1-2 images per GPU, where batch statistics are noise; the
 common answer (Detectron, torchvision's detection builders) is to freeze BN into ``y = x * scale + shift``.
+The map is per channel, so the same layer freezes BatchNorm1d (``(N, C)`` features, ``(N, C, L)``) and BatchNorm3d.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ class FrozenBatchNorm2d(torchvision.ops.FrozenBatchNorm2d):
     converted ``bn -> frozen_bn`` saves and loads the same checkpoints as before, and the round trip
     ``bn -> frozen_bn -> bn`` keeps every value. Checkpoints written by torchvision's class (no such key) still
     load: the missing counter keeps its current value.
+
+    Unlike torchvision's, it takes any ``(N, C, *)`` input (the affine map broadcasts over the trailing dims), so
+    BatchNorm1d and BatchNorm3d freeze into it too.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, device=None, dtype=None) -> None:
@@ -27,11 +31,17 @@ class FrozenBatchNorm2d(torchvision.ops.FrozenBatchNorm2d):
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
-        # Filled by convert_norms so that reverting restores the exact original layer.
+        # Filled by convert_norms so that reverting restores the exact original layer: its class and the
+        # constructor options that a frozen layer has no use for (a BatchNorm without affine, or without bias, must
+        # come back without those parameters).
         self._source_class: type | None = None
         self._source_momentum: float | None = 0.1
+        self._source_affine: bool = True
+        self._source_bias: bool = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 2:
+            raise ValueError(f"{type(self).__name__} expects an (N, C, *) input, got shape {tuple(x.shape)}")
         # As torchvision's, except that the affine map is applied in the input's dtype: torchvision multiplies by a
         # float32 scale, which promotes bf16/fp16 activations under autocast to float32 (twice the memory for every
         # activation after a frozen layer). Scale and shift are still computed in the buffers' float32.

@@ -12,9 +12,17 @@ import logging
 
 from gnlightning.config_values import as_int
 
-__all__ = ["resolve_num_groups", "divisors"]
+__all__ = ["resolve_num_groups", "divisors", "feature_groups", "degenerate_message", "GroupSizeCheck",
+           "MIN_VALUES_PER_GROUP", "FEATURE_GROUP_SIZE"]
 
 log = logging.getLogger(__name__)
+
+#: Below this many values per group a GroupNorm erases much of what it sees: normalizing n values removes their mean
+#: and scale, 2 of n degrees of freedom (2 values always come out as +-1; 1 value leaves only the bias).
+MIN_VALUES_PER_GROUP = 8
+#: Channels per group for ``(N, C)`` features, where each channel is one value: the GN paper's other default
+#: spelling (16 channels per group) instead of 32 groups, which would leave 2 values per group at width 64.
+FEATURE_GROUP_SIZE = 16
 
 
 def divisors(n: int) -> list[int]:
@@ -72,3 +80,64 @@ def _positive_int(value, option: str, meaning: str) -> int:
     if number < 1:
         raise ValueError(f"{option} must be a positive integer number of {meaning}; got {value!r}")
     return number
+
+
+def feature_groups(num_channels: int, num_groups: int | None = 32, group_size: int | None = None,
+                   strict: bool = False, layer_name: str = "") -> int:
+    """Groups for a GroupNorm over ``(N, C)`` features (one value per channel, e.g. after ``nn.Linear``).
+
+    An explicit ``group_size`` is honoured; otherwise ``num_groups`` is an upper bound and groups get at least
+    :data:`FEATURE_GROUP_SIZE` channels where the width allows (a narrower layer gets one group, LayerNorm)."""
+    if group_size is not None:
+        return resolve_num_groups(num_channels, None, group_size, strict=strict, layer_name=layer_name)
+    requested = resolve_num_groups(num_channels, num_groups, None, strict=strict, layer_name=layer_name)
+    cap = max(1, num_channels // FEATURE_GROUP_SIZE)
+    if requested <= cap:
+        return requested
+    chosen = max(d for d in divisors(num_channels) if d <= cap)
+    log.info("GroupNorm for layer %r over %d features (one value per channel): %d groups of %d channels instead of "
+             "%d groups of %d values", layer_name, num_channels, chosen, num_channels // chosen, requested,
+             num_channels // requested)
+    return chosen
+
+
+def degenerate_message(layer_name: str, values: int, num_groups: int, num_channels: int, shape: str) -> str:
+    """What to tell a user whose GroupNorm normalizes ``values`` numbers per group (see MIN_VALUES_PER_GROUP)."""
+    fewer = "fewer groups for it (num_groups=, group_size=, or norm='ln'), or " if num_groups > 1 else ""
+    effect = ("its output is the bias alone, whatever the input" if values == 1 else
+              "every output is +-1" if values == 2 else
+              f"normalizing {values} values removes 2 of their {values} degrees of freedom")
+    return (f"GroupNorm {layer_name!r} ({num_groups} groups over {num_channels} channels, input {shape}) normalizes "
+            f"only {values} value(s) per group (fewer than {MIN_VALUES_PER_GROUP}): {effect}. Fix: {fewer}leave "
+            f"it out with exclude=[{layer_name!r}] (it keeps its current norm)")
+
+
+class GroupSizeCheck:
+    """A forward pre-hook that checks, at a GroupNorm's first call, how many values each group normalizes.
+
+    Why a hook: for most converted layers that count depends on the input's spatial size, known only at run time
+    (a GroupNorm after global pooling, or on BatchNorm1d's ``(N, C)`` input, sees one value per channel). It warns
+    once, or raises with ``strict``, then removes itself, so later calls cost nothing. A module-level class rather
+    than a closure, so that models holding it still pickle (spawned DDP workers, ``torch.save(model)``).
+    """
+
+    def __init__(self, layer_name: str, strict: bool = False) -> None:
+        self.layer_name = layer_name
+        self.strict = strict
+
+    def __call__(self, module, args) -> None:
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if hook is self:
+                del module._forward_pre_hooks[key]
+        x = args[0] if args else None
+        if x is None or x.dim() < 2 or x.numel() == 0:
+            return
+        values = module.num_channels // module.num_groups
+        for size in x.shape[2:]:
+            values *= size
+        if values < MIN_VALUES_PER_GROUP:
+            message = degenerate_message(self.layer_name, values, module.num_groups, module.num_channels,
+                                         f"shape {tuple(x.shape)}")
+            if self.strict:
+                raise ValueError(message + " (raised because strict=True)")
+            log.warning(message)
