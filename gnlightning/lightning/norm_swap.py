@@ -5,15 +5,19 @@ from __future__ import annotations
 import difflib
 import inspect
 import logging
+import os
+import pickle
 from typing import Any
 
+import fsspec
+import torch
 from torch import nn
 
-from gnlightning.convert import _convert, convert_norms
+from gnlightning.convert import ConversionReport, _convert, convert_norms
 from gnlightning.layers.create_norm import resolve_norm_name
 from gnlightning.lightning.compat import bases
 
-__all__ = ["NormSwap", "load_converted", "CHECKPOINT_KEY"]
+__all__ = ["NormSwap", "load_converted", "read_specs", "CHECKPOINT_KEY"]
 
 log = logging.getLogger("gnlightning")
 
@@ -28,65 +32,145 @@ class NormSwap(*bases("callbacks.Callback")):
     (``num_groups``, ``group_size``, ``ws``, ``include``, ``exclude`` ...). ``module="model.backbone"`` limits the swap
     to that submodule, so several NormSwaps compose (e.g. ``frozen_bn`` on the backbone, ``gn`` on the heads).
 
-    When: Lightning has no callback hook between ``configure_model`` and checkpoint restore, yet the conversion must
-    come after every place users build layers (``__init__``, ``setup``, ``configure_model``) and before the
-    checkpoint is restored, DDP wraps the model and ``configure_optimizers`` runs. So ``setup`` converts what already
-    exists and wraps this LightningModule instance's ``configure_model`` (which Lightning calls right after
-    ``setup``) to convert once more after it; ``teardown`` removes the wrapper. Converting is idempotent: fit then
-    test, or a second fit, changes nothing the second time.
+    When: the conversion must come after every place users build layers (``__init__``, ``setup``,
+    ``configure_model``) and before the checkpoint is restored, DDP wraps the model and ``configure_optimizers`` runs.
+    Lightning has no callback hook there, so ``setup`` wraps this LightningModule instance's ``configure_model``
+    (which Lightning calls right after every ``setup``) to convert after it; ``teardown`` removes the wrapper.
+    Converting is idempotent: fit then test, or a second fit, changes nothing the second time.
 
-    The settings are written into every checkpoint; :func:`load_converted` rebuilds the converted model from one.
-    For ``norm="syncbn"`` under DDP prefer :class:`SyncBatchNormPlugin` (it also reverts after fit); NormSwap with
-    ``syncbn`` converts for good, which suits a model that should stay SyncBN-shaped in its checkpoints.
+    What it did is logged once, on rank 0: the summary, every layer left unconverted or normalizing too few values
+    (as :func:`convert_norms` warns), and a warning when nothing at all was converted.
+
+    The settings are written into every checkpoint: ``NormSwap.from_checkpoint(path)`` re-applies them in an eval
+    run, :func:`load_converted` rebuilds the converted model in one line. For ``norm="syncbn"`` under DDP prefer
+    :class:`SyncBatchNormPlugin` (it also reverts after fit); NormSwap with ``syncbn`` converts for good, which suits
+    a model that should stay SyncBN-shaped in its checkpoints.
     """
 
     def __init__(self, norm: str, module: str | None = None, **convert_options: Any) -> None:
         self.norm = resolve_norm_name(norm)
         self.module = module
         self.convert_options = convert_options
-        try:  # a misspelt option fails here, not in the middle of fit
-            inspect.signature(convert_norms).bind(nn.Identity(), self.norm, **convert_options)
-        except TypeError as error:
-            valid = [name for name in inspect.signature(convert_norms).parameters if name not in ("module", "norm")]
-            close = [difflib.get_close_matches(key, valid, n=1) for key in convert_options if key not in valid]
-            guess = "".join(f" (did you mean {match[0]!r}?)" for match in close if match)
-            raise TypeError(f"NormSwap: {error}{guess}; options are those of gnlightning.convert_norms: "
-                            f"{', '.join(valid)}") from None
+        _check_options(convert_options, self.norm)
+        self.specs: list[dict[str, Any]] = [self.spec()]
+        self._source: str | None = None  # the checkpoint the specs came from, for repr
+        self._announced: set[str] = set()
+
+    @classmethod
+    def from_checkpoint(cls, ckpt_path: str | os.PathLike, weights_only: bool | None = None) -> "NormSwap":
+        """A NormSwap that re-applies exactly the conversions recorded in a checkpoint written with NormSwap.
+
+        For an eval script that builds the LightningModule from its config and calls
+        ``trainer.test(model, ckpt_path=...)``: ``Trainer(callbacks=[NormSwap.from_checkpoint(ckpt_path)])``, or in a
+        Hydra callbacks node ``_target_: gnlightning.NormSwap.from_checkpoint`` with ``ckpt_path: ...``. Without it,
+        the checkpoint's converted weights meet the unconverted model and Lightning's strict load fails.
+        ``weights_only`` is passed to ``torch.load`` as Lightning passes it (``None``: torch's default); a trusted
+        checkpoint holding pickled hyper-parameters needs ``weights_only=False``.
+        """
+        swap = cls.__new__(cls)
+        swap.specs = read_specs(ckpt_path, weights_only)
+        first = swap.specs[0]
+        swap.norm, swap.module, swap.convert_options = first["norm"], first.get("module"), dict(first["options"])
+        swap._source, swap._announced = os.fspath(ckpt_path), set()
+        return swap
 
     def spec(self) -> dict[str, Any]:
         return {"norm": self.norm, "module": self.module, "options": dict(self.convert_options)}
 
-    def apply(self, pl_module: nn.Module, *, announce: bool = False) -> nn.Module:
-        """Convert ``pl_module`` (or its submodule ``self.module``) in place; returns ``pl_module``."""
-        return apply_spec(pl_module, self.spec(), announce=announce)
+    def apply(self, pl_module: nn.Module) -> nn.Module:
+        """Convert ``pl_module`` (or its submodules) in place, as fit would; returns ``pl_module``.
+
+        Call it on the model before ``trainer.fit`` where the calling process must hold the converted model
+        (``strategy="ddp_spawn"``, see :meth:`setup`)."""
+        for _, report in self._apply(pl_module):
+            _warn(report.warnings)
+        return pl_module
+
+    def _apply(self, pl_module: nn.Module) -> list[tuple[str, ConversionReport]]:
+        return [(_where(spec), apply_spec(pl_module, spec)) for spec in self.specs]
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        announce = trainer.is_global_zero
-        self.apply(pl_module, announce=announce)
         original = pl_module.configure_model
 
         def configure_model() -> None:
             original()
-            self.apply(pl_module, announce=announce)
+            reports = self._apply(pl_module)
+            if trainer.is_global_zero:
+                self._announce(trainer, pl_module, reports)
 
         pl_module.configure_model = configure_model
+
+    def _announce(self, trainer, pl_module: nn.Module, reports: list[tuple[str, ConversionReport]]) -> None:
+        """Log, once per message, what the conversion did and what the user must know about it."""
+        messages: list[tuple[int, str]] = []
+        for where, report in reports:
+            if report.changed:
+                messages.append((logging.INFO, f"NormSwap({report.norm}){where}: {report}"))
+            messages += [(logging.WARNING, f"NormSwap({report.norm}){where}: {text}") for text in report.warnings]
+        if not any(report.changed or report.unchanged for _, report in reports):
+            messages.append((logging.WARNING, (
+                f"NormSwap({', '.join(report.norm for _, report in reports)}): nothing was converted in "
+                f"{type(pl_module).__name__}: " + "; ".join(str(report) for _, report in reports)
+                + ". Check that the model holds the layers this norm replaces (describe_norms(model) lists them) "
+                "and the include / exclude / module options")))
+        if _spawns(trainer) and any(report.changed for _, report in reports):
+            messages.append((logging.WARNING, (
+                f"NormSwap under {type(trainer.strategy).__name__} (a launcher that starts its own processes): "
+                "Lightning trains a copy of the model in each new process, so the model object you passed to fit() "
+                "is not converted, and after fit Lightning loads the trained weights into it with strict=False, "
+                "leaving its norm layers wrong. Fix: convert it before fit (swap.apply(model), or "
+                "gnlightning.convert_norms), use strategy='ddp', or rebuild it from the checkpoint with "
+                "NormSwap.from_checkpoint / load_converted")))
+        for level, message in messages:
+            if message not in self._announced:
+                self._announced.add(message)
+                log.log(level, message)
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         pl_module.__dict__.pop("configure_model", None)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         specs = checkpoint.setdefault(CHECKPOINT_KEY, [])
-        if self.spec() not in specs:
-            specs.append(self.spec())
+        specs.extend(spec for spec in self.specs if spec not in specs)
 
     def __repr__(self) -> str:
+        if self._source is not None:
+            return f"NormSwap.from_checkpoint({self._source!r})"
         options = "".join(f", {key}={value!r}" for key, value in self.convert_options.items())
         module = f", module={self.module!r}" if self.module else ""
         return f"NormSwap({self.norm!r}{module}{options})"
 
 
-def apply_spec(root: nn.Module, spec: dict[str, Any], *, announce: bool = False) -> nn.Module:
-    """Apply one recorded NormSwap setting to ``root``; log the summary when something changed and ``announce``."""
+def _check_options(options: dict[str, Any], norm: str) -> None:
+    """A misspelt option fails when the callback is built, not in the middle of fit."""
+    try:
+        inspect.signature(convert_norms).bind(nn.Identity(), norm, **options)
+    except TypeError as error:
+        valid = [name for name in inspect.signature(convert_norms).parameters if name not in ("module", "norm")]
+        close = [difflib.get_close_matches(key, valid, n=1) for key in options if key not in valid]
+        guess = "".join(f" (did you mean {match[0]!r}?)" for match in close if match)
+        raise TypeError(f"NormSwap: {error}{guess}; options are those of gnlightning.convert_norms: "
+                        f"{', '.join(valid)}") from None
+
+
+def _where(spec: dict[str, Any]) -> str:
+    return f" on {spec['module']}" if spec.get("module") else ""
+
+
+def _warn(messages: list[str]) -> None:
+    for message in messages:
+        log.warning(message)
+
+
+def _spawns(trainer) -> bool:
+    """Whether the strategy trains in processes it starts itself (ddp_spawn, ddp_notebook): the caller's model
+    object then never sees the conversion."""
+    launcher = getattr(trainer.strategy, "launcher", None)
+    return type(launcher).__name__ == "_MultiProcessingLauncher"
+
+
+def apply_spec(root: nn.Module, spec: dict[str, Any]) -> ConversionReport:
+    """Apply one recorded NormSwap setting to ``root`` in place; returns what the conversion did."""
     path = spec.get("module")
     try:
         target = root.get_submodule(path) if path else root
@@ -99,29 +183,39 @@ def apply_spec(root: nn.Module, spec: dict[str, Any], *, announce: bool = False)
     if converted is not target:  # the submodule itself was a norm layer
         parent, _, name = path.rpartition(".")
         setattr(root.get_submodule(parent), name, converted)
-    if announce and (report.converted or report.wrapped):
-        where = f" on {path}" if path else ""
-        log.info("NormSwap(%s)%s: %s", spec["norm"], where, report)
-    return root
+    return report
 
 
-def load_converted(module_class: type, checkpoint_path: str, **kwargs: Any):
+def read_specs(checkpoint_path: str | os.PathLike, weights_only: bool | None = None) -> list[dict[str, Any]]:
+    """The NormSwap settings recorded in a checkpoint, or a ValueError saying the checkpoint has none."""
+    path = os.fspath(checkpoint_path)
+    try:
+        with fsspec.open(path, "rb") as handle:
+            checkpoint = torch.load(handle, map_location="cpu", weights_only=weights_only)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such checkpoint file; pass the path of a .ckpt written by a Trainer "
+                                "with NormSwap (e.g. <run dir>/checkpoints/last.ckpt)") from None
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"{path} holds objects that torch.load(weights_only=True) refuses ({error}); if you trust "
+                         "this checkpoint, pass weights_only=False") from error
+    specs = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
+    if not specs:
+        raise ValueError(
+            f"{path} holds no NormSwap settings (key {CHECKPOINT_KEY!r}): it was not written by a Trainer with a "
+            "NormSwap callback; load it without NormSwap, or pass the norm yourself: NormSwap('gn_ws', ...)")
+    return specs
+
+
+def load_converted(module_class: type, checkpoint_path: str | os.PathLike, **kwargs: Any):
     """Rebuild a LightningModule trained with NormSwap and load its checkpoint, in one line::
 
         model = load_converted(MyModule, "last.ckpt")
 
-    It is Lightning's own ``MyModule.load_from_checkpoint`` (same hyper-parameters, ``map_location``, ``strict``
-    ...), with the recorded conversions applied right before the weights are loaded (Lightning calls
-    ``on_load_checkpoint`` after building the module and running ``configure_model``)."""
-    from lightning.fabric.utilities.cloud_io import _load as pl_load
-
-    checkpoint = pl_load(checkpoint_path, map_location="cpu", weights_only=False)
-    specs = checkpoint.get(CHECKPOINT_KEY)
-    if not specs:
-        raise ValueError(
-            f"{checkpoint_path} holds no NormSwap settings (key {CHECKPOINT_KEY!r}): it was not written by a Trainer "
-            f"with a NormSwap callback; use {module_class.__name__}.load_from_checkpoint instead"
-        )
+    It is Lightning's own ``MyModule.load_from_checkpoint`` with every keyword passed on (``map_location``,
+    ``strict``, ``weights_only`` ...; a trusted checkpoint with pickled hyper-parameters needs
+    ``weights_only=False``), with the recorded conversions applied right before the weights are loaded (Lightning
+    calls ``on_load_checkpoint`` after building the module and running ``configure_model``)."""
+    specs = read_specs(checkpoint_path, kwargs.get("weights_only"))
     original = module_class.on_load_checkpoint
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

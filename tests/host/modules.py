@@ -51,7 +51,7 @@ def host_classes(namespace: str = "lightning.pytorch") -> SimpleNamespace:
             x, y = batch
             loss = F.cross_entropy(self.net(x), y)
             self.log("train_loss", loss)
-            self.losses.append(float(loss))
+            self.losses.append(float(loss.detach()))
             return loss
 
         def validation_step(self, batch, batch_idx):
@@ -100,7 +100,20 @@ def host_classes(namespace: str = "lightning.pytorch") -> SimpleNamespace:
         def dataset() -> TensorDataset:
             return image_data()
 
+    # Module-level names, so that spawn launchers can pickle the classes as they would a host's own.
+    suffix = namespace.replace(".", "_")
+    for cls in (MLP, CNN):
+        cls.__module__, cls.__qualname__ = __name__, f"{cls.__name__}__{suffix}"
     return SimpleNamespace(L=L, MLP=MLP, CNN=CNN)
+
+
+def __getattr__(name: str):
+    """``MLP__lightning_pytorch`` and the like: the classes as pickle finds them in a freshly started process."""
+    kind, _, suffix = name.partition("__")
+    namespace = {"lightning_pytorch": "lightning.pytorch", "pytorch_lightning": "pytorch_lightning"}.get(suffix)
+    if kind in ("MLP", "CNN") and namespace:
+        return getattr(host_classes(namespace), kind)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def quiet_trainer(L, **kwargs):
