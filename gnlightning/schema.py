@@ -97,7 +97,7 @@ def check_target(node: DictConfig, where: str) -> None:
         except (ImportError, ValueError):  # ValueError: a name without a module part
             guess = f"; module {module_name!r} cannot be imported"
         raise ValueError(f"{where}._target_={name!r}: no such class or function{guess} (the config group's "
-                         f"option files in gnlightning/conf/{where.split('.')[0]}/ show working targets)") from error
+                         f"option files in gnlightning/train_conf/{where.split('.')[0]}/ show working targets)") from error
     signature = inspect.signature(target)
     params = signature.parameters
     takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())

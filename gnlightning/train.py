@@ -198,7 +198,7 @@ def remove_failed_run_dir(output_dir: Path) -> bool:
     return True
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="train_conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
         metrics = run(cfg)

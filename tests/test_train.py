@@ -15,7 +15,7 @@ from omegaconf import open_dict
 from gnlightning.train import build, world_size
 from tests._dist import free_port
 
-CONF = Path(__file__).parents[1] / "gnlightning" / "conf"
+CONF = Path(__file__).parents[1] / "gnlightning" / "train_conf"
 # Stand-ins for SLURM's sbatch and srun on one node, for the SLURM launch paths.
 FAKE_SLURM = Path(__file__).parent / "fake_slurm"
 TINY = ["data.num_train=8", "data.num_val=4", "data.num_test=4", "data.image_size=32", "data.batch_size=2",
@@ -23,7 +23,7 @@ TINY = ["data.num_train=8", "data.num_val=4", "data.num_test=4", "data.image_siz
 
 
 def composed(overrides, tmp_path):
-    with initialize_config_module("gnlightning.conf", version_base="1.3"):
+    with initialize_config_module("gnlightning.train_conf", version_base="1.3"):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
     cfg.hydra.runtime.output_dir = str(tmp_path)
     HydraConfig.instance().set_config(cfg)
@@ -214,16 +214,6 @@ def test_experiment_recipes_compose(experiment, tmp_path):
     cfg = composed([f"experiment={experiment}", "data.root=/nonexistent", "++data.num_classes=3"]
                    if experiment.startswith(("voc", "coco")) else [f"experiment={experiment}"], tmp_path)
     assert cfg.data.batch_size == 2 and cfg.norm.name in ("gn", "gn_ws", "bn")
-
-
-def test_user_app_reuses_groups_through_pkg_search_path(tmp_path):
-    from hydra import initialize_config_dir
-
-    (tmp_path / "my_app.yaml").write_text(
-        "defaults:\n  - norm: gn\n  - _self_\nhydra:\n  searchpath:\n    - pkg://gnlightning.conf\nlr: 0.1\n")
-    with initialize_config_dir(str(tmp_path), version_base="1.3"):
-        cfg = compose("my_app", overrides=["norm.num_groups=16"])
-    assert cfg.norm.name == "gn" and cfg.norm.num_groups == 16 and cfg.lr == 0.1
 
 
 @pytest.mark.parametrize("layout, model", [("coco", "fasterrcnn_resnet50_fpn"), ("coco", "timm_segmentation"),
