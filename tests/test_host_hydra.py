@@ -334,3 +334,15 @@ def test_host_train_py_with_norm_swap_trains_the_converted_model(apps, namespace
     assert [layers[f"net.{i}"] for i in (0, 1, 3, 4)] == [
         "gnlightning.layers.ws_conv.WSConv2d", "torch.nn.modules.normalization.GroupNorm"] * 2
     assert record["groups"] == {"net.1": groups, "net.4": groups}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_host_ddp_config_with_sync_batchnorm_and_the_plugin_trains_on_cpu(apps):
+    # trainer=ddp_cpu says sync_batchnorm: true (Lightning's own flag, whose torch SyncBatchNorm refuses CPU tensors)
+    # and adds SyncBatchNormPlugin: Lightning must accept the pair and synchronise with gnlightning's SyncBatchNorm.
+    records = run_host(apps["with"], ["trainer=ddp_cpu"], "lightning.pytorch")
+    assert len(records) == 2 and all(record["world_size"] == 2 for record in records)
+    for record in records:
+        assert [record["layers"][f"net.{i}"] for i in (1, 4)] == [
+            "gnlightning.layers.sync_batchnorm.SyncBatchNorm"] * 2
