@@ -297,6 +297,7 @@ def test_norm_swap_include_reaches_norm_swap_as_a_plain_list(apps):
     (["+norm_swap=gn", "callbacks.norm_swap.num_group=4"], HydraException, "num_group"),
     (["+norm_swap=gn", "+callbacks.norm_swap.num_group=4"], Exception, "did you mean 'num_groups'"),
     (["+norm_swap=gnws"], HydraException, "gnws"),
+    (["+norm_swap=gn", "norm_swap.num_groups=4"], HydraException, "norm_swap.num_groups"),  # keys: callbacks.norm_swap
 ])
 def test_a_misspelt_norm_swap_key_or_option_fails_naming_it(apps, overrides, exception, message):
     with pytest.raises(exception) as info:
