@@ -32,7 +32,7 @@ def report(cfg: DictConfig) -> str:
     ])
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="train_conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     print(report(cfg))
 

@@ -18,13 +18,13 @@ import lightning.pytorch as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from gnlightning.layers import resolve_norm_name
 from gnlightning.lightning.checkpoint_io import AtomicCheckpointIO
 from gnlightning.lightning.precise_bn import PreciseBN
 from gnlightning.models import build_model, task_of
-from gnlightning.schema import check_target, register
+from gnlightning.schema import check_target, explicit_arguments, register
 from gnlightning.tasks import DetectionTask, SegmentationTask
 
 log = logging.getLogger("gnlightning")
@@ -44,7 +44,9 @@ def world_size(trainer_cfg: DictConfig) -> int:
     """Processes the configured trainer will run (devices x nodes); ``-1`` / ``"auto"`` count visible GPUs."""
     devices = trainer_cfg.get("devices", 1)
     if devices in (-1, "-1", "auto"):
-        devices = max(1, torch.cuda.device_count()) if trainer_cfg.get("accelerator") in ("gpu", "cuda") else 1
+        on_gpu = trainer_cfg.get("accelerator") in ("gpu", "cuda") or (
+            trainer_cfg.get("accelerator", "auto") == "auto" and torch.cuda.is_available())
+        devices = max(1, torch.cuda.device_count()) if on_gpu else 1
     elif isinstance(devices, str):
         devices = len([d for d in devices.split(",") if d.strip()]) if "," in devices else int(devices)
     elif not isinstance(devices, int):
@@ -143,8 +145,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     callbacks = [instantiate(node) for node in (cfg.callbacks or {}).values() if node is not None]
     logger = instantiate(cfg.logger) if cfg.logger else False
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, plugins=plugins,
-                                     default_root_dir=str(output_dir))
+    trainer = build_trainer(cfg.trainer, callbacks=callbacks, logger=logger, plugins=plugins, output_dir=output_dir)
     trainer.fit(task, datamodule=data, ckpt_path=cfg.ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     if cfg.run_test:
@@ -154,6 +155,26 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         write_results(output_dir, cfg, metrics, trainer)
     return metrics
+
+
+def build_trainer(trainer_cfg: DictConfig, callbacks: list, logger: Any, plugins: list, output_dir: Path) -> L.Trainer:
+    """The Trainer of ``trainer_cfg``, with gnl-train's callbacks, logger and plugins.
+
+    Only the arguments the config moves off the Trainer's defaults are passed (see ``explicit_arguments``). What the
+    config gives the Trainer itself is combined with gnl-train's own: ``trainer.callbacks`` and ``trainer.plugins``
+    (``_target_`` nodes) are added to them, ``trainer.logger`` (a node, or false) replaces the logger group's, and
+    ``trainer.default_root_dir`` the run directory."""
+    arguments = explicit_arguments(trainer_cfg)
+    extra: dict[str, Any] = {}
+    for key, ours in (("callbacks", callbacks), ("plugins", plugins)):
+        theirs = arguments.pop(key, None)
+        theirs = [] if theirs is None else theirs if isinstance(theirs, ListConfig) else [theirs]
+        extra[key] = [*ours, *(instantiate(node) for node in theirs)]
+    if "logger" not in arguments:
+        extra["logger"] = logger
+    if "default_root_dir" not in arguments:
+        extra["default_root_dir"] = str(output_dir)
+    return instantiate(arguments, _convert_="all", **extra)
 
 
 def write_results(output_dir: Path, cfg: DictConfig, metrics: dict[str, float], trainer: L.Trainer) -> None:
@@ -198,7 +219,7 @@ def remove_failed_run_dir(output_dir: Path) -> bool:
     return True
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="train_conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
         metrics = run(cfg)

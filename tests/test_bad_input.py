@@ -64,7 +64,7 @@ def converting(make_model, norm, **options):
 
 
 def composed(overrides, output_dir):
-    with initialize_config_module("gnlightning.conf", version_base="1.3"):
+    with initialize_config_module("gnlightning.train_conf", version_base="1.3"):
         cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
     cfg.hydra.runtime.output_dir = str(output_dir)
     HydraConfig.instance().set_config(cfg)

@@ -35,3 +35,19 @@ def test_fit_with_plugin_synchronises_running_statistics(namespace, tmp_path):
         torch.testing.assert_close(result["running_mean"], reference.running_mean, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(result["running_var"], reference.running_var, rtol=1e-5, atol=1e-5)
         assert result["num_batches_tracked"].item() == 3
+
+
+@pytest.mark.parametrize("namespace", ["lightning.pytorch", "pytorch_lightning"])
+@pytest.mark.parametrize("sync_batchnorm", [True, False])
+def test_plugin_combines_with_lightnings_sync_batchnorm_flag(namespace, sync_batchnorm):
+    # Many projects' DDP configs set sync_batchnorm=True; Lightning accepts a LayerSync plugin with it only when the
+    # plugin is its TorchSyncBatchNorm. The plugin must then be the one used, converting to gnlightning's SyncBN.
+    L = pytest.importorskip(namespace)
+    from gnlightning import SyncBatchNorm, SyncBatchNormPlugin
+
+    plugin = SyncBatchNormPlugin()
+    trainer = L.Trainer(accelerator="cpu", strategy="ddp", devices=2, sync_batchnorm=sync_batchnorm,
+                        plugins=[plugin], logger=False, enable_checkpointing=False)
+    assert trainer.strategy._layer_sync is plugin
+    converted = plugin.apply(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)))
+    assert type(converted[1]) is SyncBatchNorm

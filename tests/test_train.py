@@ -1,5 +1,6 @@
 """The Hydra config tree and gnl-train: every config composes and builds, runs end to end, sweeps summarise."""
 
+import inspect
 import json
 import logging
 import os
@@ -10,12 +11,12 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
-from gnlightning.train import build, world_size
+from gnlightning.train import build, build_trainer, world_size
 from tests._dist import free_port
 
-CONF = Path(__file__).parents[1] / "gnlightning" / "conf"
+CONF = Path(__file__).parents[1] / "gnlightning" / "train_conf"
 # Stand-ins for SLURM's sbatch and srun on one node, for the SLURM launch paths.
 FAKE_SLURM = Path(__file__).parent / "fake_slurm"
 TINY = ["data.num_train=8", "data.num_val=4", "data.num_test=4", "data.image_size=32", "data.batch_size=2",
@@ -23,7 +24,7 @@ TINY = ["data.num_train=8", "data.num_val=4", "data.num_test=4", "data.image_siz
 
 
 def composed(overrides, tmp_path):
-    with initialize_config_module("gnlightning.conf", version_base="1.3"):
+    with initialize_config_module("gnlightning.train_conf", version_base="1.3"):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
     cfg.hydra.runtime.output_dir = str(tmp_path)
     HydraConfig.instance().set_config(cfg)
@@ -97,6 +98,96 @@ def test_wrong_type_in_target_config_names_key_and_type(tmp_path):
     cfg = composed([*TINY, "data.num_train=many"], tmp_path)
     with pytest.raises(ValueError, match=r"data.num_train='many'.*expects int"):
         build(cfg)
+
+
+def error_chain(error: BaseException) -> str:
+    """An exception and its causes, as Hydra prints them."""
+    messages = []
+    while error is not None:
+        messages.append(str(error))
+        error = error.__cause__
+    return "\n".join(messages)
+
+
+def test_every_trainer_argument_is_a_key_at_the_trainers_default(tmp_path):
+    import lightning.pytorch as L
+
+    cfg = composed(["trainer=cpu"], tmp_path)
+    parameters = inspect.signature(L.Trainer).parameters
+    assert set(cfg.trainer) == {"_target_", *parameters}
+    written = OmegaConf.load(CONF / "trainer" / "cpu.yaml")
+    for name, parameter in parameters.items():
+        if name not in written:
+            assert cfg.trainer[name] == parameter.default, name
+
+
+def fitless_trainer(cfg, tmp_path, **kwargs):
+    from gnlightning.lightning.checkpoint_io import AtomicCheckpointIO
+
+    options = dict(callbacks=[], logger=False, plugins=[AtomicCheckpointIO()], output_dir=tmp_path)
+    return build_trainer(cfg.trainer, **{**options, **kwargs})
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["trainer.max_steps=3", "trainer.limit_val_batches=1"], {"max_steps": 3, "limit_val_batches": 1}),
+    (["trainer.limit_val_batches=0.5"], {"limit_val_batches": 0.5}),  # a fraction stays a float, one batch an int
+    (["trainer.check_val_every_n_epoch=null", "trainer.val_check_interval=2"],
+     {"check_val_every_n_epoch": None, "val_check_interval": 2}),
+    (["trainer.gradient_clip_val=0.5", "trainer.accumulate_grad_batches=2"],
+     {"gradient_clip_val": 0.5, "accumulate_grad_batches": 2}),
+    (["+trainer.num_sanity_val_steps=0"], {"num_sanity_val_steps": 0}),  # '+' still works on a key set to null
+])
+def test_trainer_arguments_set_without_plus_reach_the_trainer(overrides, expected, tmp_path):
+    cfg = composed([*TINY, *overrides], tmp_path)
+    build(cfg)
+    trainer = fitless_trainer(cfg, tmp_path)
+    assert {key: getattr(trainer, key) for key in expected} == expected
+    assert all(type(getattr(trainer, key)) is type(value) for key, value in expected.items())
+
+
+def test_arguments_left_at_the_trainers_default_are_not_passed(tmp_path, monkeypatch):
+    # Lightning takes PL_TRAINER_<ARG> as the default of an argument that is not passed: a Trainer built from every
+    # key of the schema would ignore such variables.
+    monkeypatch.setenv("PL_TRAINER_LIMIT_TRAIN_BATCHES", "2")
+    assert fitless_trainer(composed(TINY, tmp_path), tmp_path).limit_train_batches == 2
+    cfg = composed([*TINY, "trainer.limit_train_batches=3"], tmp_path)
+    assert fitless_trainer(cfg, tmp_path).limit_train_batches == 3
+
+
+def test_object_arguments_from_the_config_join_gnl_trains_own(tmp_path):
+    from lightning.pytorch.callbacks import LearningRateMonitor, Timer
+    from lightning.pytorch.loggers import CSVLogger
+
+    from gnlightning import SyncBatchNormPlugin
+    from gnlightning.lightning.checkpoint_io import AtomicCheckpointIO
+
+    cfg = composed([*TINY, "trainer.strategy=ddp", "trainer.devices=2", "trainer.sync_batchnorm=true",
+                    "trainer.plugins=[{_target_:gnlightning.SyncBatchNormPlugin,group_size:2}]",
+                    "trainer.callbacks=[{_target_:lightning.pytorch.callbacks.Timer}]", "trainer.logger=false",
+                    f"trainer.default_root_dir={tmp_path / 'elsewhere'}"], tmp_path)
+    build(cfg)
+    trainer = fitless_trainer(cfg, tmp_path, logger=CSVLogger(tmp_path), callbacks=[LearningRateMonitor()])
+    assert isinstance(trainer.strategy._layer_sync, SyncBatchNormPlugin)
+    assert trainer.strategy._layer_sync.group_size == 2
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    assert [sum(isinstance(c, kind) for c in trainer.callbacks) for kind in (LearningRateMonitor, Timer)] == [1, 1]
+    assert trainer.logger is None and trainer.default_root_dir == str(tmp_path / "elsewhere")
+
+
+@pytest.mark.parametrize("override, fragments", [
+    ("trainer.max_step=3", ["trainer.max_step", "did you mean trainer.max_steps"]),
+    ("+trainer.max_step=3", ["trainer.max_step", "did you mean trainer.max_steps"]),
+    ("trainer.max_steps=many", ["trainer.max_steps", "many", "Integer"]),
+    ("trainer.limit_val_batches=many", ["trainer.limit_val_batches", "many", "Union[float, int]"]),
+    ("trainer.precision=16-mixd", ["trainer.precision", "did you mean 16-mixed"]),
+    ("trainer.deterministic=always", ["trainer.deterministic", "warn", "bool"]),
+    ("+trainer.max_steps=3", ["trainer.max_steps=3"]),  # Hydra: the key exists, drop the '+'
+])
+def test_trainer_typos_and_wrong_types_fail_naming_the_key(override, fragments, tmp_path):
+    with pytest.raises(Exception) as info:
+        build(composed([*TINY, override], tmp_path))
+    for fragment in fragments:
+        assert fragment in error_chain(info.value)
 
 
 def launch_env(*path_dirs: Path, **variables: str) -> dict[str, str]:
@@ -214,16 +305,6 @@ def test_experiment_recipes_compose(experiment, tmp_path):
     cfg = composed([f"experiment={experiment}", "data.root=/nonexistent", "++data.num_classes=3"]
                    if experiment.startswith(("voc", "coco")) else [f"experiment={experiment}"], tmp_path)
     assert cfg.data.batch_size == 2 and cfg.norm.name in ("gn", "gn_ws", "bn")
-
-
-def test_user_app_reuses_groups_through_pkg_search_path(tmp_path):
-    from hydra import initialize_config_dir
-
-    (tmp_path / "my_app.yaml").write_text(
-        "defaults:\n  - norm: gn\n  - _self_\nhydra:\n  searchpath:\n    - pkg://gnlightning.conf\nlr: 0.1\n")
-    with initialize_config_dir(str(tmp_path), version_base="1.3"):
-        cfg = compose("my_app", overrides=["norm.num_groups=16"])
-    assert cfg.norm.name == "gn" and cfg.norm.num_groups == 16 and cfg.lr == 0.1
 
 
 @pytest.mark.parametrize("layout, model", [("coco", "fasterrcnn_resnet50_fpn"), ("coco", "timm_segmentation"),

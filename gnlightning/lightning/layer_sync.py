@@ -11,7 +11,7 @@ from gnlightning.lightning.compat import bases
 __all__ = ["SyncBatchNormPlugin"]
 
 
-class SyncBatchNormPlugin(*bases("plugins.layer_sync.LayerSync")):
+class SyncBatchNormPlugin(*bases("plugins.layer_sync.TorchSyncBatchNorm")):
     """Synchronise every BatchNorm across processes during ``fit``, on CPU (gloo) and GPU (NCCL) alike.
 
     Lightning's built-in ``sync_batchnorm=True`` uses ``torch.nn.SyncBatchNorm``, which refuses CPU tensors; this
@@ -19,10 +19,11 @@ class SyncBatchNormPlugin(*bases("plugins.layer_sync.LayerSync")):
 
         Trainer(strategy="ddp", plugins=[SyncBatchNormPlugin()])
 
-    and leave ``sync_batchnorm`` at its default ``False``: Lightning rejects ``sync_batchnorm=True`` together with
-    any other LayerSync plugin. Lightning calls :meth:`apply` inside each process after the process group exists,
-    before DDP wraps the model and before ``configure_optimizers`` (parameters are handed over, not copied), and
-    :meth:`revert` when fit ends. On a single device Lightning calls neither and BatchNorm stays as it is.
+    with or without ``sync_batchnorm=True`` (what many projects' DDP configs set): Lightning accepts a LayerSync
+    plugin together with that flag only when it is a ``TorchSyncBatchNorm``, so this class derives from that one (of
+    both Lightning namespaces) and replaces its apply/revert. Lightning calls :meth:`apply` inside each process after
+    the process group exists, before DDP wraps the model and before ``configure_optimizers`` (parameters are handed
+    over, not copied), and :meth:`revert` when fit ends. On a single device Lightning calls neither and BatchNorm stays as it is.
 
     Only BatchNorm layers are synchronised: frozen BN and GroupNorm layers have nothing to share.
 
