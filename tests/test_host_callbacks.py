@@ -1,7 +1,13 @@
-"""PreciseBN in a stranger's Lightning project (tests/host): modules without forward(), either Lightning
-namespace."""
+"""PreciseBN and NormAdvisor in a stranger's Lightning project (tests/host): modules without forward(), either
+Lightning namespace, and NormAdvisor counting the batch that synchronised BatchNorm really normalises over."""
 
 from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,9 +15,13 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from gnlightning import PreciseBN
+from gnlightning import NormAdvisor, PreciseBN, SyncBatchNorm
+from gnlightning.distributed import new_consecutive_groups
+from gnlightning.lightning.norm_advisor import synchronised_ranks
+from tests._dist import run_distributed
 from tests.host.modules import host_classes, quiet_trainer
 
+ROOT = Path(__file__).resolve().parents[1]
 NAMESPACES = ["lightning.pytorch", "pytorch_lightning"]
 
 
@@ -183,3 +193,71 @@ def test_precise_bn_refuses_manual_optimization_without_forward_before_training(
 def test_precise_bn_bad_arguments(arguments, error, match):
     with pytest.raises(error, match=match):
         PreciseBN(**arguments)
+
+
+# --- NormAdvisor ----------------------------------------------------------------------------------------------
+
+
+def advice(H, model, caplog, **advisor) -> str:
+    with caplog.at_level(logging.WARNING, logger="gnlightning"):
+        quiet_trainer(H.L, max_steps=1, limit_val_batches=0, num_sanity_val_steps=0,
+                      callbacks=[NormAdvisor(**advisor)]).fit(model)
+    return caplog.text
+
+
+@pytest.mark.parametrize("namespace", NAMESPACES)
+def test_norm_advisor_advice_fits_the_model(namespace, caplog):
+    """gn_ws standardises convolution filters: advice for the CNN, not for the MLP (gn or ln there)."""
+    H = host(namespace)
+    mlp = advice(H, H.MLP(batch_size=2), caplog)
+    assert "2 BatchNorm layers (e.g. 'net.1') train unsynchronised on 2 samples per device" in mlp
+    assert "norm=gn or norm=ln" in mlp and "gn_ws" not in mlp and "PreciseBN()" in mlp
+    caplog.clear()
+    cnn = advice(H, H.CNN(batch_size=2), caplog)
+    assert "train unsynchronised on 2 samples per device" in cnn and "norm=gn_ws" in cnn
+    caplog.clear()
+    assert advice(H, H.CNN(batch_size=8), caplog, min_batch=8) == ""
+
+
+@pytest.mark.parametrize("arguments, match", [
+    (dict(min_batch=0), "min_batch=0"), (dict(min_batch=16.0), "min_batch=16.0"), (dict(log_health="yes"), "'yes'"),
+])
+def test_norm_advisor_bad_arguments(arguments, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        NormAdvisor(**arguments)
+
+
+def _ranks_worker(rank: int, world_size: int) -> list[int]:
+    model = nn.Sequential(SyncBatchNorm(4), nn.SyncBatchNorm(4), SyncBatchNorm(4, process_group=new_consecutive_groups(1)),
+                          nn.BatchNorm2d(4))
+    return [synchronised_ranks(layer) for layer in model]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_synchronised_ranks_counts_the_process_group():
+    assert _ranks_worker(0, 1) == [1, 1, 1, 1]  # no process group: both SyncBN classes are plain BN
+    assert run_distributed(_ranks_worker, 2) == [[2, 2, 1, 1]] * 2
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("namespace", NAMESPACES)
+def test_norm_advisor_counts_the_synchronised_batch_under_ddp(namespace, tmp_path):
+    """SyncBN over 2 processes x 2 images normalises over 4 samples, below min_batch=16: NormAdvisor says so, once
+    (rank 0), naming the total. (It used to count SyncBN as fine whatever the total, and stay silent.) The same run
+    has PreciseBN replay the CNN's training_step under DDP."""
+    pytest.importorskip(namespace)
+    env = {key: value for key, value in os.environ.items() if key not in ("RANK", "LOCAL_RANK", "SLURM_PROCID")}
+    env.update(GNL_LIGHTNING=namespace, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "host_spawn.py"), "syncbn"], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=300, check=True)
+    output = result.stdout + result.stderr
+    expected = ("2 BatchNorm layers (e.g. 'net.1') train synchronised over 2 processes x 2 samples per device = "
+                "4 samples (fewer than min_batch=16)")
+    assert output.count(expected) == 1, output
+    assert "a per-device batch of at least 8" in output and "norm=gn_ws" in output
+    assert "min_batch=4" not in output  # the second advisor (min_batch=4) finds 4 samples enough
+    # PreciseBN replayed training_step (the CNN has no forward) through SyncBN's collectives, on both ranks alike
+    assert output.count("PreciseBN: recomputed 2 BatchNorm layers over 3 batches") == 1, output

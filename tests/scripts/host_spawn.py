@@ -5,8 +5,9 @@ usage: GNL_LIGHTNING={lightning.pytorch|pytorch_lightning} python host_spawn.py 
 Scenarios (what the calling test reads from this process's stdout and stderr):
   normswap  the MLP with NormSwap("gn"): the NormSwap summary; and every rank logs "rank R was here" through a
             child of the "gnlightning" logger, as gnlightning.layers does (only rank 0's may be shown).
-  syncbn    the CNN with SyncBatchNormPlugin and NormAdvisor, 2 samples per device: synchronised BN over 2 x 2 = 4
-            samples, below NormAdvisor's min_batch=16.
+  syncbn    the CNN with SyncBatchNormPlugin and two NormAdvisors, 2 samples per device: synchronised BN over
+            2 x 2 = 4 samples, below min_batch=16 (a warning) and not below min_batch=4 (silence); and PreciseBN,
+            which replays the CNN's training_step (it has no forward) through SyncBN's collectives on both ranks.
 
 The LightningModules are subclassed at the top level of this file: ``ddp_spawn`` pickles the model into its workers,
 and host_classes() builds its classes inside a function, which pickle cannot name.
@@ -16,7 +17,7 @@ import logging
 import os
 import sys
 
-from gnlightning import NormAdvisor, NormSwap, SyncBatchNormPlugin
+from gnlightning import NormAdvisor, NormSwap, PreciseBN, SyncBatchNormPlugin
 from tests.host.modules import host_classes, quiet_trainer
 
 HOST = host_classes(os.environ.get("GNL_LIGHTNING", "lightning.pytorch"))
@@ -39,11 +40,12 @@ def main(scenario: str) -> None:
     if scenario == "normswap":
         model, callbacks, plugins = MLP(), [NormSwap("gn"), EveryRankLogs()], []
     elif scenario == "syncbn":
-        model, callbacks, plugins = CNN(batch_size=2), [NormAdvisor(min_batch=16)], [SyncBatchNormPlugin()]
+        model, plugins = CNN(batch_size=2), [SyncBatchNormPlugin()]
+        callbacks = [NormAdvisor(min_batch=16), NormAdvisor(min_batch=4), PreciseBN(num_batches=3)]
     else:
         raise SystemExit(f"unknown scenario {scenario!r}; use normswap or syncbn")
-    trainer = quiet_trainer(HOST.L, strategy="ddp_spawn", devices=2, max_steps=1, limit_val_batches=0,
-                            num_sanity_val_steps=0, callbacks=callbacks, plugins=plugins)
+    trainer = quiet_trainer(HOST.L, strategy="ddp_spawn", devices=2, max_steps=1, val_check_interval=1,
+                            limit_val_batches=1, num_sanity_val_steps=0, callbacks=callbacks, plugins=plugins)
     trainer.fit(model)
 
 
