@@ -3,6 +3,9 @@
 ``convert_norms`` and the layers need only PyTorch; the Lightning pieces (``NormSwap``, ``PreciseBN``,
 ``NormAdvisor``, ``SyncBatchNormPlugin``, ``AtomicCheckpointIO``) are imported on first use, so a user of
 ``convert_norms`` on a plain nn.Module never imports Lightning.
+
+Importing the package sets up the ``"gnlightning"`` logger (see :mod:`gnlightning.log`): INFO lines are shown, once,
+by global rank 0, through the app's own logging configuration if it has one and formatted on stderr otherwise.
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ from typing import Any
 from gnlightning.convert import convert_norms, describe_norms, revert_sync_batchnorm
 from gnlightning.export import prepare_for_export
 from gnlightning.layers import FrozenBatchNorm2d, SyncBatchNorm, WSConv2d
+from gnlightning.log import install as _install_logging
+
+_install_logging()  # every entry point imports this package first; nothing above logs at import
 
 __version__ = "0.1.0"
 

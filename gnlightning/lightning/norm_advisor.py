@@ -1,4 +1,4 @@
-"""NormAdvisor: say so when BatchNorm is about to be trained on too few samples per device."""
+"""NormAdvisor: say so when BatchNorm is about to be trained on too few samples per normalisation."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from gnlightning.config_values import as_int
+from gnlightning.distributed import group_world_size
 from gnlightning.layers.sync_batchnorm import SyncBatchNorm
 from gnlightning.lightning.compat import bases
 
-__all__ = ["NormAdvisor", "per_device_batch_size"]
+__all__ = ["NormAdvisor", "per_device_batch_size", "synchronised_ranks"]
 
 log = logging.getLogger("gnlightning")
 
@@ -33,48 +35,108 @@ def per_device_batch_size(loader: Any) -> int | None:
     return batch_size
 
 
-def _unsynced_bn(module: nn.Module) -> list[str]:
-    return [name for name, m in module.named_modules()
-            if isinstance(m, _BatchNorm) and not isinstance(m, (SyncBatchNorm, nn.SyncBatchNorm))
-            and m.training and m.track_running_stats]
+_SYNCED = (SyncBatchNorm, nn.SyncBatchNorm)
+
+
+def synchronised_ranks(layer: nn.Module) -> int:
+    """How many ranks' batches ``layer`` normalises over in training: the size of its process group for
+    gnlightning's and torch's SyncBatchNorm (``process_group=None`` is the world), 1 for any other layer.
+
+    It asks torch.distributed, not the Trainer: a SyncBN layer may sync over a sub-group (``group_size`` of
+    SyncBatchNormPlugin / convert_norms), and without a process group both SyncBN classes normalise over the local
+    batch alone, exactly like BatchNorm.
+    """
+    return group_world_size(layer.process_group) if isinstance(layer, _SYNCED) else 1
+
+
+def _training_bn(module: nn.Module) -> list[tuple[str, _BatchNorm]]:
+    """BatchNorm layers that normalise by batch statistics during fit (the ones a small batch hurts)."""
+    return [(name, m) for name, m in module.named_modules() if isinstance(m, _BatchNorm) and m.training]
+
+
+def _has_conv2d(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in module.modules())
 
 
 class NormAdvisor(*bases("callbacks.Callback")):
-    """Warn once, when fit starts training, if unsynchronised BatchNorm trains on fewer than ``min_batch`` samples per
-    device, naming the batch size and the fixes (``norm=syncbn`` across devices, ``norm=gn_ws``, or PreciseBN).
-    Silent when everything is fine (no BN, synchronised BN over a large enough total batch, or a large per-device
-    batch).
+    """Warn once, when fit starts training, if BatchNorm normalises over fewer than ``min_batch`` samples, naming
+    that number and the fixes. Silent when everything is fine (no BN in training mode, or enough samples).
+
+    The number is the batch each layer actually computes its statistics over: the per-device batch for BatchNorm,
+    and the per-device batch times the ranks of the layer's process group for synchronised BN
+    (``gnlightning.SyncBatchNorm``, ``torch.nn.SyncBatchNorm``) -- SyncBN over 2 processes x 2 images normalises
+    over 4 samples, which is as noisy as BN on 4 images on one device.
+
+    The fixes offered fit the model: ``norm=syncbn`` where devices are there to sync over, ``norm=gn_ws``
+    (GroupNorm + Weight Standardization, independent of the batch) for models with ``nn.Conv2d`` layers, and
+    ``norm=gn`` / ``norm=ln`` for models without (WS standardises convolution filters, so gn_ws would degrade to gn
+    there with a warning), and PreciseBN for better eval statistics.
 
     With ``log_health=True`` it also logs, after every validation, two figures per model to the active logger:
     ``norm/bn_log_var_spread`` (standard deviation of log running variance over all BN channels: very large values
     mean some channels' statistics are off) and ``norm/dead_gamma_fraction`` (share of norm channels whose scale is
     below 1e-3).
+
+    Args:
+        min_batch: the smallest number of samples per normalisation deemed enough (16: the GroupNorm paper's
+            ResNet-50 BN error is flat from 32 to 16 images per GPU and rises below).
+        log_health: log the two health figures after every validation.
     """
 
     def __init__(self, min_batch: int = 16, log_health: bool = False) -> None:
-        self.min_batch = min_batch
+        number = as_int(min_batch)
+        if number is None or number < 1:
+            raise ValueError(f"NormAdvisor(min_batch={min_batch!r}): min_batch must be a positive integer number of "
+                             "samples per normalisation, e.g. min_batch=16")
+        if not isinstance(log_health, bool):
+            raise TypeError(f"NormAdvisor(log_health={log_health!r}): log_health must be True or False")
+        self.min_batch = number
         self.log_health = log_health
         self._warned = False
 
     def on_train_start(self, trainer, pl_module) -> None:  # the train dataloader exists from here on
-        names = _unsynced_bn(pl_module)
-        if not names or self._warned:
+        if self._warned:
             return
-        batch_size = per_device_batch_size(trainer.train_dataloader)
-        if batch_size is None or batch_size >= self.min_batch:
+        layers = _training_bn(pl_module)
+        batch_size = per_device_batch_size(trainer.train_dataloader) if layers else None
+        if batch_size is None:
             return
-        devices = trainer.world_size
-        fixes = ["norm=gn_ws (NormSwap('gn_ws')): GroupNorm + Weight Standardization, independent of the batch"]
-        if devices > 1:
-            fixes.insert(0, f"norm=syncbn (SyncBatchNormPlugin()): statistics over all {devices} devices, "
-                            f"{batch_size * devices} samples")
-        fixes.append("PreciseBN(): recompute the running statistics over many batches before validation")
-        message = (f"NormAdvisor: {len(names)} BatchNorm layers (e.g. {names[0]!r}) train unsynchronised on "
-                   f"{batch_size} samples per device (fewer than {self.min_batch}); their batch statistics are noisy "
-                   "and eval accuracy suffers. Fixes: " + "; ".join(fixes))
+        # the layers whose normalisation batch is too small, by the number of ranks they sync over
+        small: dict[int, list[str]] = {}
+        for name, layer in layers:
+            ranks = synchronised_ranks(layer)
+            if batch_size * ranks < self.min_batch:
+                small.setdefault(ranks, []).append(name)
+        if not small:
+            return
         self._warned = True
         if trainer.is_global_zero:
-            log.warning(message)
+            log.warning(self._message(small, batch_size, trainer.world_size, _has_conv2d(pl_module)))
+
+    def _message(self, small: dict[int, list[str]], batch_size: int, devices: int, has_conv: bool) -> str:
+        findings = []
+        for ranks, names in sorted(small.items()):
+            which = f"{len(names)} BatchNorm layers (e.g. {names[0]!r})"
+            if ranks == 1:  # plain BN, or SyncBN with nobody to sync with (it then is plain BN)
+                findings.append(f"{which} train unsynchronised on {batch_size} samples per device")
+            else:
+                findings.append(f"{which} train synchronised over {ranks} processes x {batch_size} samples per "
+                                f"device = {ranks * batch_size} samples")
+        narrowest = min(small)
+        fixes = []
+        if devices > narrowest:
+            fixes.append(f"norm=syncbn (SyncBatchNormPlugin()) over all {devices} devices: "
+                         f"{batch_size * devices} samples")
+        fixes.append(f"a per-device batch of at least {math.ceil(self.min_batch / narrowest)}")
+        if has_conv:
+            fixes.append("norm=gn_ws (NormSwap('gn_ws')): GroupNorm + Weight Standardization, independent of the batch")
+        else:
+            fixes.append("norm=gn or norm=ln (NormSwap('gn') / NormSwap('ln')): statistics per sample, independent "
+                         "of the batch (Weight Standardization, the other half of GN+WS, needs Conv2d layers, and this "
+                         "model has none)")
+        fixes.append("PreciseBN(): recompute the running statistics over many batches before validation")
+        return (f"NormAdvisor: {'; '.join(findings)} (fewer than min_batch={self.min_batch}); their batch statistics "
+                "are noisy and eval accuracy suffers. Fixes: " + "; ".join(fixes))
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if not self.log_health or trainer.sanity_checking or not trainer.loggers:
