@@ -15,6 +15,7 @@ This module must stay free of Lightning and Hydra imports: ``gnlightning.layers`
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -35,33 +36,52 @@ __all__ = [
 # below use Any instead of importing it.
 ProcessGroup = Any
 
-# Per-world caches, key -> (world group the value was created under, value); see _per_world.
-# group_size -> this rank's group of consecutive ranks.
-_CONSECUTIVE_GROUPS: dict[int, tuple[Any, ProcessGroup]] = {}
-# process group -> its HostAllReduce, or None (a group of one rank, or one spanning hosts).
-_HOST_CHANNELS: dict[Any, tuple[Any, HostAllReduce | None]] = {}
+# Per-world caches (see _per_world). They hold process groups only *weakly*: torch's registry owns them, and a gloo
+# group's worker threads end only when its last reference goes. A cache that kept a group after
+# destroy_process_group() kept those threads running into interpreter shutdown, where a worker still releasing its
+# last collective's tensors needs the GIL, is ended by Python with pthread_exit, and the process aborts with
+# "terminate called without an active exception" (issue 15) -- after a run that succeeded.
+# group_size -> (world, this rank's group of consecutive ranks).
+_CONSECUTIVE_GROUPS: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+# process group -> (world, its HostAllReduce, or None: a group of one rank, or one spanning hosts).
+_HOST_CHANNELS: dict[weakref.ref, tuple[weakref.ref, HostAllReduce | None]] = {}
 
 
-def _per_world(cache: dict[Any, tuple[Any, Any]], key: Any, create: Callable[[], Any]) -> Any:
+def _per_world(cache: dict[Any, tuple[weakref.ref, Any]], key: Any, create: Callable[[], Any]) -> Any:
     """``cache[key]``'s value if it was created under the current default group, else ``create()``'s (cached).
 
     Remembering the world lets a cache notice that the default group was destroyed and re-initialized (common in
     tests and in scripts that run several trainings in one process): what belonged to a dead world -- its groups,
     their channels -- must not be handed out again. Entries of a dead world are dropped on the first miss, and
-    closed if they can be (a host channel's sockets). The hit path is one lookup: this runs per collective.
+    closed if they can be (a host channel's sockets). The hit path is one lookup and one weak-reference call: this
+    runs per collective.
     """
     world = dist.group.WORLD
     cached = cache.get(key)
-    if cached is not None and cached[0] is world:
+    if cached is not None and cached[0]() is world:
         return cached[1]
     for stale_key, (owner, value) in list(cache.items()):
-        if owner is not world:
+        if owner() is not world:
             if isinstance(value, HostAllReduce):
                 value.close()
             del cache[stale_key]
     value = create()
-    cache[key] = (world, value)
+    cache[key] = (weakref.ref(world), value)
     return value
+
+
+def _connect_host_channel(group: ProcessGroup, key: weakref.ref) -> HostAllReduce | None:
+    """A new channel for ``group``, closed and forgotten when the group is freed (destroyed and unreferenced)."""
+    channel = HostAllReduce.connect(group) if dist.get_world_size(group) > 1 else None
+    weakref.finalize(group, _forget_channel, key)
+    return channel
+
+
+def _forget_channel(key: weakref.ref) -> None:
+    """Close the host channel of a process group that is being freed (or, at exit, of one still alive)."""
+    _, channel = _HOST_CHANNELS.pop(key, (None, None))
+    if channel is not None:
+        channel.close()
 
 
 def is_distributed() -> bool:
@@ -116,9 +136,10 @@ def host_channel(group: ProcessGroup | None = None) -> HostAllReduce | None:
     if not is_distributed():
         return None
     group = dist.group.WORLD if group is None else group
-    return _per_world(
-        _HOST_CHANNELS, group, lambda: HostAllReduce.connect(group) if dist.get_world_size(group) > 1 else None
-    )
+    # Keyed by a weak reference (CPython hands out the same one per live group, so this costs no allocation): the
+    # channel is closed, and its entry dropped, when the group itself is freed.
+    key = weakref.ref(group)
+    return _per_world(_HOST_CHANNELS, key, lambda: _connect_host_channel(group, key))
 
 
 def new_consecutive_groups(group_size: int) -> ProcessGroup | None:
@@ -160,7 +181,15 @@ def new_consecutive_groups(group_size: int) -> ProcessGroup | None:
     if group_size == world_size:
         return dist.group.WORLD
 
-    return _per_world(_CONSECUTIVE_GROUPS, group_size, lambda: _create_consecutive_groups(world_size, group_size))
+    own_group = _per_world(
+        _CONSECUTIVE_GROUPS, group_size, lambda: weakref.ref(_create_consecutive_groups(world_size, group_size))
+    )()
+    if own_group is None:
+        # Destroyed on its own (destroy_process_group(group)) in a world that lives on: every rank sees that at the
+        # same call, so they all create the blocks anew together.
+        del _CONSECUTIVE_GROUPS[group_size]
+        return new_consecutive_groups(group_size)
+    return own_group
 
 
 def _create_consecutive_groups(world_size: int, group_size: int) -> ProcessGroup:
