@@ -83,7 +83,7 @@ def test_runtime_check_stays_quiet_on_sequences_and_survives_pickling(caplog):
     model = pickle.loads(pickle.dumps(model))  # spawned workers and torch.save(model) pickle the hook
     with caplog.at_level(logging.WARNING, logger="gnlightning"):
         model(torch.randn(2, 4, 40))
-    assert not caplog.records
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
     assert not model[1]._forward_pre_hooks  # removed after the first call
 
 
