@@ -185,3 +185,23 @@ def test_detection_metrics_of_perfect_and_empty_predictions(with_masks):
 def test_detection_task_infers_masks_from_the_model():
     assert DetectionTask(build_model("timm_maskrcnn", 3), num_classes=3).iou_types == ("bbox", "segm")
     assert DetectionTask(build_model("timm_detection", 3), num_classes=3).iou_types == ("bbox",)
+
+
+def test_gnl_inspect_shows_the_norms_of_backbone_fpn_and_heads(tmp_path):
+    from gnlightning.inspect_norms import report
+    from tests.test_train import composed
+
+    text = report(composed(["norm=frozen_bn", "model=timm_detection"], tmp_path))
+    assert "backbone  20 FrozenBatchNorm2d" in text and "heads     4 FrozenBatchNorm2d" in text
+    text = report(composed(["norm=gn_ws", "model=fcos_resnet50_fpn"], tmp_path))
+    assert "heads     8 WSConv2d, 8 GroupNorm" in text and "fpn       none" in text
+
+
+@pytest.mark.slow
+def test_detection_recipe_end_to_end_prints_per_class_ap(tmp_path):
+    from tests.test_train import TINY, run_cli
+
+    result = run_cli(["experiment=shapes_det_gn_ws", *TINY, "data.image_size=64", "hydra.run.dir=run"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for key in ("test/mAP ", "test/mAP_50", "test/mAP_75", "test/AP/", "test/AP_50/"):
+        assert key in result.stdout, key
