@@ -58,7 +58,7 @@ class TimmFPN(nn.Module):
     def __init__(
         self,
         backbone: str = "resnet18",
-        out_indices: Sequence[int] = (2, 3, 4),
+        out_indices: Sequence[int] = (1, 2, 3),
         channels: int = 64,
         extra_levels: str | None = None,
     ) -> None:
@@ -106,11 +106,11 @@ def timm_detection(
     *,
     head: str = "fcos",
     backbone: str = "resnet18",
-    out_indices: Sequence[int] = (2, 3, 4),
+    out_indices: Sequence[int] = (1, 2, 3),
     extra_levels: str | None = None,
     channels: int = 64,
     head_convs: int = 2,
-    anchor_scale: float = 1.0,
+    anchor_scale: float = 0.5,
     image_size: int | None = None,
     **detector_options,
 ) -> nn.Module:
@@ -118,7 +118,8 @@ def timm_detection(
     ``num_classes`` as for torchvision's detectors.
 
     Args:
-        out_indices: the timm feature levels (ResNets: 1..4 are strides 4..32, i.e. P2..P5).
+        out_indices: the timm feature levels (ResNets: 1..4 are strides 4..32, i.e. P2..P5); the default P2..P4
+            suits 64-256 px images (and leaves a ResNet's last stage out of the model).
         extra_levels: ``"p6p7"`` for the two coarse levels of the 800 px recipes; for small images leave it off
             (a 128 px image has a 1x1 P7, where a GroupNorm normalizes 2 values per group).
         channels: FPN and head width (torchvision: 256).
@@ -127,7 +128,7 @@ def timm_detection(
             an object to the level of stride ``s`` whose ``[4, 8] * anchor_scale * s`` range holds its largest
             centre-to-side distance (its centre sampling radius stays 1.5 strides); RetinaNet's anchors are
             ``4 * anchor_scale * s * 2**(k/3)`` for k = 0, 1, 2. With 0.5 on 128 px images, objects of 10-100 px
-            spread over P2-P4 instead of all landing on the finest level.
+            spread over P2-P4 instead of all landing on the finest level (the default; 1.0 is torchvision's).
         image_size: the size images are resized to (torchvision's ``min_size`` / ``max_size``); give the data's own
             size so that nothing is rescaled twice.
         detector_options: passed to torchvision's FCOS / RetinaNet (``score_thresh``, ``detections_per_img`` ...).
@@ -156,7 +157,7 @@ def timm_maskrcnn(
     channels: int = 64,
     head_convs: int = 2,
     fc_channels: int = 256,
-    anchor_scale: float = 1.0,
+    anchor_scale: float = 0.5,
     image_size: int | None = None,
     **detector_options,
 ) -> nn.Module:
