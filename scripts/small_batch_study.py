@@ -78,7 +78,7 @@ PROTOCOLS = {
                           recipe=("experiment=shapes_det_gn_ws",), num_train=512, images=1536),
 }
 # --quick: every variant at 1 and 2 images per device on a handful of small images, to test the pipeline.
-QUICK = ("data.num_train=16", "data.num_val=8", "data.image_size=64")
+QUICK = ("data.num_val=8", "data.image_size=64")  # and data.num_train=QUICK_NUM_TRAIN
 QUICK_NUM_TRAIN, QUICK_IMAGES = 16, 32
 
 

@@ -206,3 +206,25 @@ def test_detection_recipe_end_to_end_prints_per_class_ap(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     for key in ("test/mAP ", "test/mAP_50", "test/mAP_75", "test/AP/", "test/AP_50/"):
         assert key in result.stdout, key
+
+
+def test_detection_study_runs_the_recipe_with_scaled_learning_rates(tmp_path, monkeypatch):
+    import argparse
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "scripts" / "small_batch_study.py"
+    spec = importlib.util.spec_from_file_location("small_batch_study", path)
+    study = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, study)  # dataclasses look their module up there
+    spec.loader.exec_module(study)
+    protocol = study.PROTOCOLS["detection"]
+    assert protocol.variants == ("frozen_bn", "bn", "syncbn", "gn", "gn_ws") and protocol.batches == (1, 2, 4, 8)
+    args = argparse.Namespace(protocol=protocol, quick=False, base_batch=8, base_lr=2e-3, lr_scaling="sqrt",
+                              images=protocol.images, num_train=protocol.num_train, warmup_images=256)
+    single = study.overrides(study.Run("gn", 2, 0), args, tmp_path)
+    synced = study.overrides(study.Run("syncbn", 2, 0), args, tmp_path)  # 2 processes: total batch 4
+    assert single[0] == "experiment=shapes_det_gn_ws" and "norm=gn" in single and "trainer=ddp_cpu" in synced
+    assert "optim.optimizer.lr=0.001" in single and "optim.optimizer.lr=0.00141421" in synced
+    assert "trainer.max_epochs=3" in single and "data.num_train=512" in single
