@@ -7,6 +7,7 @@ from omegaconf import DictConfig
 
 from gnlightning.convert import convert_norms, describe_norms
 from gnlightning.models import build_model
+from gnlightning.models.parts import format_parts, norm_parts
 from gnlightning.schema import register
 from gnlightning.train import norm_settings
 
@@ -14,7 +15,8 @@ register()
 
 
 def report(cfg: DictConfig) -> str:
-    """The describe_norms table of ``cfg.model`` after ``cfg.norm``, with parameter counts."""
+    """The describe_norms table of ``cfg.model`` after ``cfg.norm``, the norm layers per part (backbone, FPN, heads
+    of a detector), and parameter counts."""
     name, options = norm_settings(cfg.norm)
     num_classes = cfg.data.get("num_classes") or 2
     model = build_model(cfg.model.name, num_classes, **dict(cfg.model.options))
@@ -27,6 +29,7 @@ def report(cfg: DictConfig) -> str:
         f"model {cfg.model.name}, norm {name}" + (" (BatchNorm, synchronised by SyncBatchNormPlugin under DDP)"
                                                        if name == "syncbn" else ""),
         str(describe_norms(after)),
+        format_parts(norm_parts(after)),
         f"parameters: {total_before:,} before, {total_after:,} after; trainable: {trainable_before:,} before, "
         f"{trainable_after:,} after",
     ])

@@ -298,6 +298,10 @@ class ShapesLogic(SplitDataModule):
     ``augment=True`` adds a joint horizontal flip and a small scale jitter (``scale_range``, crop / pad back to
     ``image_size``) to the training split only. The train loader drops its last incomplete batch, since a batch
     of one sample would make BatchNorm's batch statistics degenerate.
+
+    ``size_range`` is a shape's radius as a fraction of the image's short side (see :class:`ShapesDataset`); a wide
+    range (the detection recipe's ``[0.05, 0.4]``) gives objects small and large enough to need several pyramid
+    levels.
     """
 
     def __init__(
@@ -318,8 +322,11 @@ class ShapesLogic(SplitDataModule):
         normalize: bool = False,
         pin_memory: bool = False,
         drop_last: bool = True,
+        size_range: tuple[float, float] = (0.09, 0.25),
     ) -> None:
         super().__init__()
+        # a plain tuple, not Hydra's ListConfig: checkpoints hold the hyper-parameters and load with weights_only
+        size_range = (float(size_range[0]), float(size_range[1]))
         self.save_hyperparameters()
         self.image_size = to_size(image_size)
         self.num_classes = num_classes
@@ -352,6 +359,7 @@ class ShapesLogic(SplitDataModule):
                 seed=split_seed(hp.seed, split),
                 task=self.task,
                 transforms=transforms,
+                size_range=hp.size_range,
             )
         return self._datasets[split]
 

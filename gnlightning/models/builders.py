@@ -1,4 +1,4 @@
-"""Models by name: torchvision's segmentation and detection builders and the light timm model, each followed by
+"""Models by name: torchvision's segmentation and detection builders and the light timm models, each followed by
 the configured norm conversion."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import torchvision
 from torch import nn
 
 from gnlightning.convert import convert_norms
+from gnlightning.models.timm_detection import timm_detection, timm_maskrcnn
 from gnlightning.models.timm_segmentation import TimmSegmentation
 from gnlightning.models.weights import hub_weights, load_weights
 
@@ -25,8 +26,10 @@ SEGMENTATION_MODELS = (
 )
 DETECTION_MODELS = (
     "fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2", "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2",
-    "retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2", "fcos_resnet50_fpn",
+    "retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2", "fcos_resnet50_fpn", "timm_detection", "timm_maskrcnn",
 )
+# The light timm detectors: built here, and given the data's image size like torchvision's.
+_TIMM_DETECTORS = {"timm_detection": timm_detection, "timm_maskrcnn": timm_maskrcnn}
 
 
 def task_of(name: str) -> str:
@@ -60,11 +63,18 @@ def build_model(
             affine values initialise the new layers), or a torchvision weights name such as ``"DEFAULT"`` (used only
             when cached or reachable; never hangs offline).
         image_size: for detection models, the size images are resized to (torchvision's min_size / max_size).
-        model_options: passed to the builder (e.g. ``backbone="resnet34"`` for ``timm_segmentation``).
+        model_options: passed to the builder (e.g. ``backbone="resnet34"`` for ``timm_segmentation`` and the timm
+            detectors).
+
+    Every detector, torchvision's R50-FPN ones and the light timm ones alike, is named ``backbone.body`` /
+    ``backbone.fpn`` / ``head`` (or ``rpn`` / ``roi_heads``): :func:`gnlightning.models.parts.norm_parts` counts the
+    norm layers of each part after the conversion.
     """
     task = task_of(name)
     if name == "timm_segmentation":
         model = TimmSegmentation(num_classes, **model_options)
+    elif name in _TIMM_DETECTORS:
+        model = _TIMM_DETECTORS[name](num_classes, image_size=image_size, **model_options)
     else:
         if task == "detection" and image_size is not None:
             model_options = {"min_size": image_size, "max_size": image_size, **model_options}
