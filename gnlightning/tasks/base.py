@@ -36,8 +36,9 @@ class Task:
         class_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
-        # class_names also lives in data modules' hparams, which Lightning merges with these for loggers
-        self.save_hyperparameters(ignore=["model", "optimizer", "scheduler", "class_names"])
+        # class_names and with_masks (a detection task's) also live in data modules' hparams, which Lightning
+        # merges with these for loggers and refuses when the values differ
+        self.save_hyperparameters(ignore=["model", "optimizer", "scheduler", "class_names", "with_masks"])
         self.model = model
         self.optimizer, self.scheduler = optimizer, scheduler
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]

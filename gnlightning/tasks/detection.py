@@ -58,8 +58,7 @@ class DetectionLogic(Task):
 
     def __init__(self, *args: Any, with_masks: bool | None = None, **kwargs: Any) -> None:
         self._with_masks = with_masks
-        super().__init__(*args, **kwargs)
-        self.hparams.update(with_masks=with_masks)
+        super().__init__(*args, **kwargs)  # not a hyper-parameter: see Task's save_hyperparameters
 
     def make_metric(self):
         try:
