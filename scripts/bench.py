@@ -9,10 +9,14 @@ machine noise and frequency drift hit them alike) and reports medians over round
 
 Sections (``--only`` picks some; all run by default):
 
-* ws: ``WSConv2d`` vs ``nn.Conv2d`` vs timm's ``StdConv2d`` on ResNet-50 layer shapes at batch 2: forward +
-  backward in train mode, forward under no_grad in eval mode, per shape and summed over shapes. The three compute
-  the same output (checked before timing): the same weight and eps, the plain conv holding the weight already
-  standardized. Targets: WS <= 1.05x Conv2d training, <= 1.01x eval, WS / timm <= 1.0x.
+* ws: ``WSConv2d`` vs ``nn.Conv2d`` vs timm's ``StdConv2d`` on the convolutions ``convert_norms(model, "gn_ws")``
+  standardizes in the mission's workloads, read off the models themselves: DeepLabV3-R50 on 512 px crops at output
+  stride 8, batch 2, and Mask R-CNN R50-FPN v2 in training at 800 x 1088, batch 1 and 2; then ResNet-50's ImageNet
+  layer shapes at 224 px, batch 2, as the worst case (small convolutions next to the weight-sized passes of the
+  standardization). Forward + backward in train mode, forward under no_grad in eval mode, and the bytes a training
+  forward keeps for backward. The three compute the same output (checked before timing): the same weight and eps,
+  the plain conv holding the weight already standardized. Targets: WS <= 1.05x Conv2d training and <= 1.01x eval
+  on the mission's workloads, WS / timm <= 1.0x in time and in saved memory everywhere.
 * syncbn: SyncBatchNorm vs BatchNorm training step under 2-process DDP on CPU (gloo), measured by
   ``bench_syncbn.py`` (see there). Target <= 1.15x.
 * norms: training step (forward, backward, SGD) of a segmentation model at batch 2 with each norm vs BN, NCHW and
@@ -24,8 +28,9 @@ Sections (``--only`` picks some; all run by default):
 
 Output: the markdown report on stdout and in ``<out>/bench.md``; ``<out>/bench.json`` holds the raw medians, the
 ratios, targets, pass / fail and the machine. A missed target shows as MISS, but the exit code stays 0: this is a
-report, not a test. The default run takes about 4 minutes on 2 cores and wants an otherwise idle machine (the load
-average is recorded); ``--quick`` shrinks every section to smoke-test size (its numbers mean nothing).
+report, not a test. The default run takes about 30 minutes on 2 cores (most of it the ws section's 512 and 800 px
+workloads) and wants an otherwise idle machine (the load average is recorded); ``--quick`` shrinks every section to
+smoke-test size (its numbers mean nothing).
 
 Usage:  python scripts/bench.py [--only ws convert ...] [--threads N] [--out docs/bench] [--quick]
 """
@@ -60,7 +65,9 @@ import bench_syncbn  # noqa: E402  (the sibling script, whose measurement is reu
 
 SECTIONS = ("ws", "syncbn", "norms", "convert", "memory")
 # Interleaved rounds per timed section: many for cheap conv layers, few for whole-model training steps.
-DEFAULT_ROUNDS = {"ws": 15, "syncbn": 32, "norms": 5}
+DEFAULT_ROUNDS = {"ws": 3, "syncbn": 32, "norms": 5}
+# The 224 px worst case is cheap: many rounds of several calls, for a stable ratio of small times.
+WORST_CASE_ROUNDS, WORST_CASE_CALLS = 15, 3
 QUICK_ROUNDS = 2
 DEFAULT_REPEATS = 7
 BATCH = 2
@@ -165,28 +172,131 @@ def _rounds(args: argparse.Namespace, section: str) -> int:
 
 @dataclass(frozen=True)
 class ConvShape:
+    """One convolution call: the layer's geometry and the input it sees."""
+
     in_channels: int
     out_channels: int
     kernel: int
     stride: int
-    size: int  # input height and width
+    height: int
+    width: int
+    batch: int = BATCH
+    dilation: int = 1
+    padding: int | None = None  # None: "same" for odd kernels at stride 1, kernel // 2 * dilation
+
+    @classmethod
+    def of(cls, conv: nn.Conv2d, x: Tensor) -> "ConvShape":
+        square = {name: getattr(conv, name) for name in ("kernel_size", "stride", "dilation", "padding")}
+        if conv.groups != 1 or isinstance(conv.padding, str) or any(len(set(v)) != 1 for v in square.values()):
+            raise ValueError(f"the ws section times square, ungrouped convolutions; got {conv}")
+        return cls(conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.stride[0], x.shape[-2],
+                   x.shape[-1], x.shape[0], conv.dilation[0], conv.padding[0])
+
+    @property
+    def geometry(self) -> dict:
+        padding = self.kernel // 2 * self.dilation if self.padding is None else self.padding
+        return {"kernel_size": self.kernel, "stride": self.stride, "padding": padding, "dilation": self.dilation,
+                "bias": False}
 
     def __str__(self) -> str:
         stride = f" s{self.stride}" if self.stride > 1 else ""
-        return f"{self.kernel}x{self.kernel} {self.in_channels}->{self.out_channels}{stride} @{self.size}"
+        dilation = f" d{self.dilation}" if self.dilation > 1 else ""
+        size = f"{self.height}" if self.height == self.width else f"{self.height}x{self.width}"
+        return (f"{self.kernel}x{self.kernel} {self.in_channels}->{self.out_channels}{stride}{dilation} @{size}"
+                f" n{self.batch}")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The convolutions one training step of a model runs, as distinct shapes and how many layers share each."""
+
+    name: str
+    description: str
+    shapes: dict[ConvShape, int]
+    worst_case: bool = False  # ImageNet-size layers: the weight passes of WS weigh most against the convolution
 
 
 RESNET50_CONVS = (
-    ConvShape(3, 64, 7, 2, 224),  # stem
-    ConvShape(64, 64, 3, 1, 56),
-    ConvShape(256, 64, 1, 1, 56),
-    ConvShape(128, 128, 3, 1, 28),
-    ConvShape(256, 256, 3, 1, 14),
-    ConvShape(1024, 256, 1, 1, 14),
-    ConvShape(512, 512, 3, 1, 7),
+    ConvShape(3, 64, 7, 2, 224, 224),  # stem
+    ConvShape(64, 64, 3, 1, 56, 56),
+    ConvShape(256, 64, 1, 1, 56, 56),
+    ConvShape(128, 128, 3, 1, 28, 28),
+    ConvShape(256, 256, 3, 1, 14, 14),
+    ConvShape(1024, 256, 1, 1, 14, 14),
+    ConvShape(512, 512, 3, 1, 7, 7),
 )
-QUICK_CONVS = (ConvShape(3, 8, 7, 2, 32), ConvShape(16, 16, 3, 1, 8))
 CONV, WS, TIMM = "Conv2d", "WSConv2d", "timm StdConv2d"
+
+
+def ws_conv_shapes(model: nn.Module, run: Callable[[nn.Module], object]) -> dict[ConvShape, int]:
+    """The shapes of the convolutions ``convert_norms(model, "gn_ws")`` standardizes, as ``run(model)`` calls
+    them (no gradients needed: the shapes are those of a training step)."""
+    convert_norms(model, "gn_ws")
+    shapes: dict[ConvShape, int] = {}
+
+    def record(conv: nn.Module, args: tuple) -> None:
+        shape = ConvShape.of(conv, args[0])
+        shapes[shape] = shapes.get(shape, 0) + 1
+
+    handles = [conv.register_forward_pre_hook(record) for conv in model.modules() if isinstance(conv, WSConv2d)]
+    try:
+        with torch.no_grad():
+            run(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return shapes
+
+
+def deeplab_workload(size: int, batch: int) -> Workload:
+    """torchvision's DeepLabV3-R50 (output stride 8: dilated layer3 and layer4) on ``size`` px crops."""
+    torch.manual_seed(0)
+    model = torchvision.models.segmentation.deeplabv3_resnet50(
+        weights=None, weights_backbone=None, num_classes=NUM_CLASSES, aux_loss=False).train()
+    shapes = ws_conv_shapes(model, lambda m: m(torch.randn(batch, 3, size, size)))
+    return Workload(f"DeepLabV3-R50 {size} px, batch {batch}",
+                    f"torchvision `deeplabv3_resnet50`, output stride 8, {size}x{size} crops, batch {batch}", shapes)
+
+
+def mask_rcnn_workload(height: int, width: int, batch: int, rois_per_image: int = 512) -> Workload:
+    """torchvision's Mask R-CNN R50-FPN v2 in training on ``height`` x ``width`` images (no resizing), with
+    eight ground-truth boxes and masks per image: backbone, FPN, RPN head and the RoI box and mask heads (the box
+    head on ``rois_per_image`` sampled proposals, torchvision's default 512)."""
+    torch.manual_seed(0)
+    model = torchvision.models.detection.maskrcnn_resnet50_fpn_v2(
+        weights=None, weights_backbone=None, num_classes=NUM_CLASSES + 1, min_size=min(height, width),
+        max_size=max(height, width), box_batch_size_per_image=rois_per_image).train()
+    generator = torch.Generator().manual_seed(0)
+    images, targets = [], []
+    for _ in range(batch):
+        corner = torch.rand(8, 2, generator=generator) * torch.tensor([width, height]) * 0.7
+        extent = (0.1 + 0.2 * torch.rand(8, 2, generator=generator)) * torch.tensor([width, height])
+        boxes = torch.cat([corner, corner + extent], dim=1)
+        masks = torch.zeros(8, height, width, dtype=torch.uint8)
+        for mask, (x0, y0, x1, y1) in zip(masks, boxes.round().int().tolist()):
+            mask[y0:y1, x0:x1] = 1
+        images.append(torch.rand(3, height, width, generator=generator))
+        targets.append({"boxes": boxes, "labels": torch.randint(1, NUM_CLASSES + 1, (8,), generator=generator),
+                        "masks": masks})
+    shapes = ws_conv_shapes(model, lambda m: m(images, targets))
+    return Workload(f"Mask R-CNN R50-FPN {height}x{width}, batch {batch}",
+                    f"torchvision `maskrcnn_resnet50_fpn_v2` in training, {height}x{width} images, batch {batch}, "
+                    "8 boxes per image", shapes)
+
+
+def ws_workloads(quick: bool) -> list[Workload]:
+    """The mission's workloads first (segmentation at 512 px, output stride 8; detection at 800 px, 1-2 images
+    per device), then ResNet-50's ImageNet layer shapes at 224 px as the worst case: there the weight-sized
+    passes of the standardization weigh most against the small convolutions."""
+    if quick:
+        workloads = [deeplab_workload(32, 1), mask_rcnn_workload(64, 96, 1, rois_per_image=8)]
+        worst = (ConvShape(3, 8, 7, 2, 32, 32), ConvShape(16, 16, 3, 1, 8, 8))
+    else:
+        workloads = [deeplab_workload(512, 2), mask_rcnn_workload(800, 1088, 1), mask_rcnn_workload(800, 1088, 2)]
+        worst = RESNET50_CONVS
+    return workloads + [Workload("ResNet-50 224 px, batch 2 (worst case)",
+                                 "ResNet-50 ImageNet layer shapes at 224 px, one of each, batch 2",
+                                 dict.fromkeys(worst, 1), worst_case=True)]
 
 
 def _std_conv_class() -> type[nn.Conv2d] | None:
@@ -200,16 +310,15 @@ def _std_conv_class() -> type[nn.Conv2d] | None:
 def ws_convs(shape: ConvShape) -> dict[str, nn.Conv2d]:
     """The variants for one shape, all computing the same function: WSConv2d and StdConv2d standardize the same
     weight with the same eps; the plain Conv2d holds that weight already standardized."""
-    geometry = {"kernel_size": shape.kernel, "stride": shape.stride, "padding": shape.kernel // 2, "bias": False}
     torch.manual_seed(0)
-    ws = WSConv2d(shape.in_channels, shape.out_channels, eps=WS_EPS, **geometry)
-    conv = nn.Conv2d(shape.in_channels, shape.out_channels, **geometry)
+    ws = WSConv2d(shape.in_channels, shape.out_channels, eps=WS_EPS, **shape.geometry)
+    conv = nn.Conv2d(shape.in_channels, shape.out_channels, **shape.geometry)
     with torch.no_grad():
         conv.weight.copy_(standardize_weight(ws.weight, WS_EPS))
     convs = {CONV: conv, WS: ws}
     std_conv = _std_conv_class()
     if std_conv is not None:
-        convs[TIMM] = std_conv(shape.in_channels, shape.out_channels, eps=WS_EPS, **geometry)
+        convs[TIMM] = std_conv(shape.in_channels, shape.out_channels, eps=WS_EPS, **shape.geometry)
         convs[TIMM].load_state_dict(ws.state_dict())
     return convs
 
@@ -240,10 +349,27 @@ def _conv_eval_step(conv: nn.Conv2d, x: Tensor) -> Callable[[], None]:
     return step
 
 
+def _saved_bytes(conv: nn.Conv2d, x: Tensor) -> int:
+    """Bytes a training forward keeps for backward beyond the input and the parameters (alive anyway): what the
+    layer adds to a step's memory."""
+    alive = {_storage(tensor)[0] for tensor in (x, *conv.parameters())}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: Tensor) -> Tensor:
+        pointer, nbytes = _storage(tensor)
+        if pointer not in alive:
+            saved[pointer] = max(nbytes, saved.get(pointer, 0))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        conv(x)
+    return sum(saved.values())
+
+
 def _time_shape(shape: ConvShape, rounds: int, steps_per_round: int) -> dict[str, dict[str, float]]:
     convs = ws_convs(shape)
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(BATCH, shape.in_channels, shape.size, shape.size, generator=generator)
+    x = torch.randn(shape.batch, shape.in_channels, shape.height, shape.width, generator=generator)
     x.requires_grad_(shape.in_channels != 3)  # every layer but the stem passes a gradient back to its input
     with torch.no_grad():
         grad_output = torch.randn(convs[CONV](x).shape, generator=generator)
@@ -253,6 +379,7 @@ def _time_shape(shape: ConvShape, rounds: int, steps_per_round: int) -> dict[str
             conv.train(mode == "train")
         _assert_same_output(convs, x)
         if mode == "train":
+            medians["saved_bytes"] = {name: _saved_bytes(conv, x) for name, conv in convs.items()}
             steps = {name: _conv_train_step(conv, x, grad_output) for name, conv in convs.items()}
         else:
             steps = {name: _conv_eval_step(conv, x) for name, conv in convs.items()}
@@ -260,45 +387,75 @@ def _time_shape(shape: ConvShape, rounds: int, steps_per_round: int) -> dict[str
     return medians
 
 
+def _time_workload(workload: Workload, rounds: int, steps_per_round: int) -> dict:
+    """Per distinct shape its medians, and the workload's total: each shape's time times its layer count."""
+    per_shape = {}
+    for shape, count in workload.shapes.items():
+        _log(f"ws: {workload.name}: {shape} (x{count})")
+        per_shape[shape] = _time_shape(shape, rounds, steps_per_round)
+    first = next(iter(per_shape.values()))
+    total = {key: {name: sum(medians[key][name] * workload.shapes[shape] for shape, medians in per_shape.items())
+                   for name in first[key]} for key in first}
+    return {"per_shape": per_shape, "total": total}
+
+
 def bench_ws(args: argparse.Namespace) -> Section:
     section = Section("ws")
-    shapes = QUICK_CONVS if args.quick else RESNET50_CONVS
-    rounds, steps_per_round = _rounds(args, "ws"), 1 if args.quick else 3
-    per_shape = {}
-    for shape in shapes:
-        _log(f"ws: {shape}")
-        per_shape[str(shape)] = _time_shape(shape, rounds, steps_per_round)
-    variants = list(next(iter(per_shape.values()))["train"])
-    total = f"sum over {len(shapes)} shapes"
-    per_shape[total] = {
-        mode: {name: sum(medians[mode][name] for medians in per_shape.values()) for name in variants}
-        for mode in ("train", "eval")
-    }
-    section.raw = {"ms": per_shape, "rounds": rounds, "steps_per_round": steps_per_round, "batch": BATCH}
-
     labels = {"train": "train (forward + backward)", "eval": "eval (no_grad forward)"}
-    for mode, target in (("train", 1.05), ("eval", 1.01)):
-        medians = per_shape[total][mode]
-        section.add(f"{labels[mode]}: WSConv2d / Conv2d, {total}", medians[WS] / medians[CONV], Target("<=", target))
-        if TIMM in medians:
-            section.add(f"{labels[mode]}: WSConv2d / timm StdConv2d, {total}", medians[WS] / medians[TIMM],
-                        Target("<=", 1.0))
-
-    header = ["shape", "mode", *(f"{name} (ms)" for name in variants), "WS / Conv2d"]
-    header += ["WS / timm"] if TIMM in variants else []
-    rows = []
-    for shape, by_mode in per_shape.items():
-        for mode, medians in by_mode.items():
-            row = [shape, mode, *(f"{medians[name]:.2f}" for name in variants), f"{medians[WS] / medians[CONV]:.3f}x"]
-            row += [f"{medians[WS] / medians[TIMM]:.3f}x"] if TIMM in medians else []
-            rows.append(row)
+    section.raw = {"workloads": {}}
     section.details = [
-        (f"Batch {BATCH}, eps {WS_EPS:g}, median of {rounds} interleaved rounds x {steps_per_round} calls; "
-         "outputs checked equal before timing (the plain Conv2d holds the standardized weight)."),
-        "",
-        *markdown_table(header, rows, "ll" + "r" * (len(header) - 2)),
+        (f"eps {WS_EPS:g}; per distinct layer shape the median of interleaved rounds (below), outputs checked "
+         "equal before timing (the plain Conv2d holds the standardized weight); a workload's "
+         "time is the sum over its shapes of time x layers of that shape. \"Saved\" is what a training forward "
+         "keeps for backward beyond its input and the parameters. WS / Conv2d has targets on the mission's "
+         "workloads; on the 224 px worst case it is information (weight-sized standardization passes next to "
+         "small convolutions), WS / timm has its target everywhere."),
     ]
-    if TIMM not in variants:
+    for workload in ws_workloads(args.quick):
+        rounds, steps_per_round = _rounds(args, "ws"), 1
+        if workload.worst_case and not args.quick:
+            rounds, steps_per_round = args.rounds or WORST_CASE_ROUNDS, WORST_CASE_CALLS
+        measured = _time_workload(workload, rounds, steps_per_round)
+        total = measured["total"]
+        variants = list(total["train"])
+        for mode, target in (("train", 1.05), ("eval", 1.01)):
+            section.add(f"{workload.name}: {labels[mode]}, WSConv2d / Conv2d", total[mode][WS] / total[mode][CONV],
+                        None if workload.worst_case else Target("<=", target))
+            if TIMM in variants:
+                section.add(f"{workload.name}: {labels[mode]}, WSConv2d / timm StdConv2d",
+                            total[mode][WS] / total[mode][TIMM], Target("<=", 1.0))
+        if TIMM in variants:
+            saved = total["saved_bytes"]
+            section.add(f"{workload.name}: saved for backward, WSConv2d / timm StdConv2d",
+                        saved[WS] / max(saved[TIMM], 1), Target("<=", 1.0))
+        section.raw["workloads"][workload.name] = {
+            "description": workload.description,
+            "rounds": rounds,
+            "steps_per_round": steps_per_round,
+            "total": total,
+            "shapes": [{"shape": str(shape), "layers": workload.shapes[shape], **medians}
+                       for shape, medians in measured["per_shape"].items()],
+        }
+        header = ["shape", "layers", "mode", *(f"{name} (ms)" for name in variants), "WS / Conv2d"]
+        header += ["WS / timm"] if TIMM in variants else []
+        rows = []
+        for shape, by_mode in [*measured["per_shape"].items(), ("total", total)]:
+            layers = str(sum(workload.shapes.values())) if shape == "total" else str(workload.shapes[shape])
+            for mode in ("train", "eval"):
+                medians = by_mode[mode]
+                row = [f"**{shape}**" if shape == "total" else str(shape), layers, mode,
+                       *(f"{medians[name]:.2f}" for name in variants), f"{medians[WS] / medians[CONV]:.3f}x"]
+                row += [f"{medians[WS] / medians[TIMM]:.3f}x"] if TIMM in medians else []
+                rows.append(row)
+        saved_line = ", ".join(f"{name} {total['saved_bytes'][name] / 2**20:.1f} MB" for name in variants)
+        section.details += [
+            "", f"#### {workload.name}", "",
+            f"{workload.description}: {len(workload.shapes)} distinct shapes of {sum(workload.shapes.values())} "
+            f"standardized convolutions; median of {rounds} rounds x {steps_per_round} calls. Saved for backward per "
+            f"step: {saved_line}.", "",
+            *markdown_table(header, rows, "lrl" + "r" * (len(header) - 3)),
+        ]
+    if _std_conv_class() is None:
         section.details.append("\ntimm is not installed: no StdConv2d column and no WS / timm target.")
     return section
 
