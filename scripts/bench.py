@@ -17,8 +17,10 @@ Sections (``--only`` picks some; all run by default):
   forward keeps for backward. The three compute the same output (checked before timing): the same weight and eps,
   the plain conv holding the weight already standardized. Targets: WS <= 1.05x Conv2d training and <= 1.01x eval
   on the mission's workloads, WS / timm <= 1.0x in time and in saved memory everywhere.
-* syncbn: SyncBatchNorm vs BatchNorm training step under 2-process DDP on CPU (gloo), measured by
-  ``bench_syncbn.py`` (see there). Target <= 1.15x.
+* syncbn: SyncBatchNorm vs BatchNorm and vs a naive synchronized BN (detectron2-style) training step under 2-process
+  DDP on CPU, SyncBN on torch.distributed/gloo and on its loopback channel; and the layer's own forward + backward
+  at DeepLabV3-R50 shapes in one process. Measured by ``bench_syncbn.py`` (see there). Targets: SyncBN <= 1.15x BN
+  and <= 1.0x the naive peer at ResNet widths 64-256; synchronized code path over one rank <= 1.05x BN.
 * norms: training step (forward, backward, SGD) of a segmentation model at batch 2 with each norm vs BN, NCHW and
   channels_last. No targets: the price of each norm, for reference.
 * convert: ``convert_norms`` time vs building torchvision's Mask R-CNN R50-FPN v2 (a fresh model each time).
@@ -464,48 +466,121 @@ def bench_ws(args: argparse.Namespace) -> Section:
 
 
 def bench_syncbn_section(args: argparse.Namespace) -> Section:
+    """bench_syncbn.py's two parts, reused as they are: SyncBN under 2-process DDP against BN and the naive peer on
+    each transport, and the layer's own cost in one process at DeepLabV3-R50 shapes (see that script's docstring)."""
     section = Section("syncbn")
     rounds = _rounds(args, "syncbn")
     argv = ["--channels", *map(str, args.syncbn_widths), "--rounds", str(rounds)]
     if args.quick:
-        argv += ["--steps", "1", "--warmup", "1", "--warmup-rounds", "1", "--blocks", "2", "--size", "16"]
+        argv += ["--steps", "1", "--warmup", "1", "--warmup-rounds", "1", "--blocks", "2", "--size", "16",
+                 "--layer-shapes", "smoke"]
     else:
-        argv += ["--steps", "3", "--warmup", "3", "--warmup-rounds", "2"]
+        argv += ["--warmup", "3", "--warmup-rounds", "2"]
     syncbn_args = bench_syncbn.parse_args(argv)
     _log(f"syncbn: widths {' '.join(map(str, args.syncbn_widths))}, {syncbn_args.world_size} processes")
     results = bench_syncbn.measure(syncbn_args)
+    _log(f"syncbn: layer costs, {syncbn_args.layer_shapes} shapes")
+    layers = bench_syncbn.measure_layers(syncbn_args)
     section.raw = {
         "by_width": {
             width: {key: value for key, value in result.items() if key != "rounds_ms"}
             for width, result in results.items()
         },
+        "layers": layers,
         "settings": {
             key: vars(syncbn_args)[key]
-            for key in ("world_size", "blocks", "batch", "size", "warmup", "warmup_rounds", "rounds", "steps", "pin")
+            for key in ("world_size", "blocks", "batch", "size", "warmup", "warmup_rounds", "rounds", "steps",
+                        "round_ms", "pin", "layer_shapes")
         },
     }
-    rows = []
+
+    ms_keys, ratio_keys = bench_syncbn.RESULT_KEYS, bench_syncbn.RATIO_KEYS
+    synced = {bench_syncbn.SYNC_GLOO: "SyncBN gloo", bench_syncbn.SYNC_LOOPBACK: "SyncBN loopback",
+              bench_syncbn.NAIVE: "naive gloo"}  # the timed variants besides BN, as the table names them
+    peer_target = bench_syncbn.PEER_TARGET_RATIO
+    rows, diagnostics = [], []
     for width, result in results.items():
-        median, low, high = result["syncbn_ratio"]
-        section.add(f"width {width}: SyncBatchNorm / BatchNorm training step (95% CI {low:.3f}-{high:.3f})", median,
-                    Target("<=", bench_syncbn.TARGET_RATIO))
-        rows.append([str(width), f"{result['bn_ms']:.2f}", f"{result['syncbn_ms']:.2f}", f"{result['no_comm_ms']:.2f}",
-                     f"{result['latency_us']:.0f}", f"{result['gloo_latency_us']:.0f}",
-                     *(bench_syncbn.format_ratio(result[key]) for key in ("syncbn_ratio", "no_comm_ratio"))])
+        targeted = width in bench_syncbn.TARGET_WIDTHS
+        suffix = "" if targeted else " (information only)"
+        for name in (bench_syncbn.SYNC_GLOO, bench_syncbn.SYNC_LOOPBACK):
+            median, low, high = result[ratio_keys[name]]
+            section.add(f"width {width}: {synced[name]} / BN training step (95% CI {low:.3f}-{high:.3f}){suffix}",
+                        median, Target("<=", bench_syncbn.TARGET_RATIO) if targeted else None)
+        peer = result[bench_syncbn.PEER_RATIO_KEY]
+        case = f"width {width}: SyncBN gloo / naive gloo training step (95% CI {peer[1]:.3f}-{peer[2]:.3f})"
+        if not targeted:
+            section.add(case + suffix, peer[0])
+        elif bench_syncbn.interval_verdict(peer, peer_target) == "undecided":
+            # The result column has no state for it: the row is information, and says why.
+            section.add(f"{case}: undecided, the interval contains {peer_target:g} (target <= {peer_target:g}x)",
+                        peer[0])
+        else:
+            section.add(case, peer[0], Target("<=", peer_target))
+        rows.append([str(width), *(f"{result[ms_keys[name]]:.2f}" for name in (bench_syncbn.BASELINE, *synced)),
+                     *(bench_syncbn.format_ratio(result[ratio_keys[name]]) for name in synced),
+                     bench_syncbn.format_ratio(peer) + ("" if targeted else " (info)")])
+        one_rank = bench_syncbn.ONE_RANK
+        diagnostics.append([str(width), str(result["steps"]), f"{result[ms_keys[one_rank]]:.2f}",
+                            bench_syncbn.format_ratio(result[ratio_keys[one_rank]]), f"{result['latency_us']:.0f}",
+                            f"{result['gloo_latency_us']:.0f}"])
+
+    total = layers["total"]
+    median, low, high = total["ratio"][bench_syncbn.LAYER_FORCED]
+    where = f"the {total['layers']} norm layers of {bench_syncbn.LAYER_SHAPE_SETS[syncbn_args.layer_shapes]}"
+    section.add(f"{where}: SyncBN synchronized code path over one rank / BN, forward + backward, one process "
+                f"(95% CI {low:.3f}-{high:.3f})", median, Target("<=", bench_syncbn.LAYER_TARGET_RATIO))
+    median, low, high = total["ratio"][bench_syncbn.LAYER_AS_USED]
+    section.add(f"{where}: SyncBatchNorm with a group of one rank / BN, forward + backward, one process "
+                f"(95% CI {low:.3f}-{high:.3f})", median)
+    layer_names = (bench_syncbn.LAYER_BASELINE, bench_syncbn.LAYER_AS_USED, bench_syncbn.LAYER_FORCED)
+    layer_rows = [
+        [row["shape"], str(row["layers"]), *(f"{row['ms'][name]:.2f}" for name in layer_names),
+         *(bench_syncbn.format_ratio(row["ratio"][name]) for name in layer_names[1:])]
+        for row in [*layers["shapes"], {**total, "shape": "weighted total"}]
+    ]
+
     section.details = [
         (f"{syncbn_args.world_size} DDP processes x 1 thread (gloo), "
          f"{'each pinned to its own core' if syncbn_args.pin else 'not pinned'}; {syncbn_args.blocks} x [conv3x3, "
          f"norm, ReLU] + pool + linear, batch {syncbn_args.batch}/rank, {syncbn_args.size}x{syncbn_args.size}; "
-         f"median of {rounds} interleaved rounds x {syncbn_args.steps} steps; ratios are medians of per-round ratios, "
-         "with a distribution-free 95% confidence interval. \"No collectives\" runs SyncBN's code "
-         "path over a group of one rank. \"all_reduce\" is the idle latency of one collective as SyncBN issues it "
-         "(between ranks of one host: gnlightning's loopback channel), \"gloo all_reduce\" that of "
-         "torch.distributed.all_reduce on the same payload. Details: `python scripts/bench_syncbn.py --help`."),
+         f"median of {rounds} interleaved rounds, each variant running as many steps per round as fill about "
+         f"{syncbn_args.round_ms:g} ms (at least 1, at most {syncbn_args.steps}; see the diagnostics); ratios are "
+         "medians of per-round ratios, with a distribution-free 95% confidence interval. "
+         "\"SyncBN gloo\" is gnlightning's SyncBatchNorm with its collectives on torch.distributed/gloo (forced in "
+         "the benchmark process, as for ranks on different hosts), \"SyncBN loopback\" the same layer on its "
+         "host-local loopback channel (its default between ranks of one host), \"naive gloo\" a naive peer in the "
+         "style of detectron2's NaiveSyncBatchNorm (one differentiable all_reduce of mean and mean of squares, "
+         "autograd for the rest) on gloo. Outputs, gradients, running statistics and the collectives per step "
+         "(one all_reduce per norm layer in forward and one in backward) are checked before timing. Targets at "
+         f"widths {', '.join(map(str, bench_syncbn.TARGET_WIDTHS))}: SyncBN / BN <= {bench_syncbn.TARGET_RATIO}x; "
+         f"SyncBN gloo / naive gloo <= {peer_target:g}x, undecided while its interval contains {peer_target:g}. "
+         "Details: `python scripts/bench_syncbn.py --help`."),
         "",
         *markdown_table(
-            ["width", "BN (ms)", "SyncBN (ms)", "no collectives (ms)", "all_reduce (us)", "gloo all_reduce (us)",
-             "SyncBN / BN (95% CI)", "no collectives / BN (95% CI)"],
-            rows, "rrrrrrrr",
+            ["width", "BN (ms)", "SyncBN gloo (ms)", "SyncBN loopback (ms)", "naive gloo (ms)",
+             "SyncBN gloo / BN", "SyncBN loopback / BN", "naive gloo / BN", "SyncBN gloo / naive gloo"],
+            rows, "r" * 9,
+        ),
+        "",
+        ("Diagnostics: \"group of one\" runs SyncBN's synchronized code path over a group of one rank (no "
+         "collective), which splits SyncBN's overhead into the layer's arithmetic and its collectives; "
+         "\"all_reduce\" is the idle latency of one collective of a SyncBN-sized payload on each transport."),
+        "",
+        *markdown_table(
+            ["width", "steps / round", "group of one (ms)", "group of one / BN", "all_reduce loopback (us)",
+             "all_reduce gloo (us)"],
+            diagnostics, "r" * 6,
+        ),
+        "",
+        (f"Layer costs of {where}, one process x 1 thread (a gloo world of one rank): forward + backward of one "
+         f"norm layer alone, median of {rounds} interleaved rounds; \"weighted total\" sums the shapes weighted by "
+         "how many of the model's layers see each. \"as used\" is SyncBatchNorm as a user gets it with a group of "
+         "one rank (plain BN behind a few checks); \"sync path\" forces its synchronized code path over that group. "
+         f"Target: sync path / BN <= {bench_syncbn.LAYER_TARGET_RATIO}x on the weighted total."),
+        "",
+        *markdown_table(
+            ["input", "layers", "BN (ms)", "as used (ms)", "sync path (ms)", "as used / BN", "sync path / BN"],
+            layer_rows, "lrrrrrr",
         ),
     ]
     return section
@@ -827,7 +902,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int,
                         help=f"model builds per conversion in convert (default {DEFAULT_REPEATS}; 1 with --quick)")
     parser.add_argument("--syncbn-widths", type=int, nargs="+", metavar="WIDTH",
-                        help="conv widths in syncbn (default 32 64 128; 8 with --quick)")
+                        help="conv widths in syncbn (default 32 64 128 256, targets at 64 128 256; 8 with --quick)")
     parser.add_argument("--seg-model", default="deeplabv3_resnet50", choices=SEGMENTATION_MODELS, metavar="MODEL",
                         help="segmentation model of norms and memory (default deeplabv3_resnet50), one of: "
                         + ", ".join(SEGMENTATION_MODELS))
@@ -835,7 +910,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="its input height and width (default 128; 32 with --quick)")
     parser.add_argument("--out", type=Path, default=Path("docs/bench"), help="writes bench.md and bench.json here")
     args = parser.parse_args(argv)
-    args.syncbn_widths = args.syncbn_widths or ([8] if args.quick else [32, 64, 128])
+    args.syncbn_widths = args.syncbn_widths or ([8] if args.quick else [32, *bench_syncbn.TARGET_WIDTHS])
     args.seg_size = args.seg_size or (32 if args.quick else 128)
     return args
 
