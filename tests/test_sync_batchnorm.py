@@ -128,6 +128,33 @@ def _two_layer_calls(counter: CollectiveCounter) -> tuple[int, int]:
     return forward_calls, counter.calls - before - forward_calls
 
 
+def _training_step_calls(counter: CollectiveCounter) -> list[tuple[int, int, int]]:
+    """Collectives per DDP training step of a conv net with 3 SyncBN layers: (forward, backward, optimizer step).
+
+    What a training loop pays: DDP's gradient reduction runs in its C++ reducer, not through either counted
+    transport, so every counted call is SyncBN's; one per layer and pass, whatever the step.
+    """
+    torch.manual_seed(0)
+    layers = []
+    for in_channels in (3, CHANNELS, CHANNELS):
+        layers += [nn.Conv2d(in_channels, CHANNELS, 3, padding=1), SyncBatchNorm(CHANNELS), nn.ReLU()]
+    head = [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(CHANNELS, 2)]
+    model = nn.parallel.DistributedDataParallel(nn.Sequential(*layers, *head))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    calls = []
+    for step in range(3):
+        x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(step))
+        optimizer.zero_grad(set_to_none=True)
+        before = counter.calls
+        loss = model(x).square().mean()
+        after_forward = counter.calls
+        loss.backward()
+        after_backward = counter.calls
+        optimizer.step()
+        calls.append((after_forward - before, after_backward - after_forward, counter.calls - after_backward))
+    return calls
+
+
 def _eval_calls_and_exactness(counter: CollectiveCounter) -> tuple[int, bool]:
     """Eval mode uses running statistics: no collective, and exactly nn.BatchNorm2d's output."""
     layer, reference = SyncBatchNorm(CHANNELS), nn.BatchNorm2d(CHANNELS)
@@ -151,6 +178,7 @@ def _two_rank_worker(rank: int, world_size: int, transport: str) -> dict[str, An
     counter = CollectiveCounter()
     results: dict[str, Any] = {name: _run_case(rank, index, counter) for index, name in enumerate(CASE_NAMES)}
     results["two_layer_calls"] = _two_layer_calls(counter)
+    results["training_step_calls"] = _training_step_calls(counter)
     results["eval"] = _eval_calls_and_exactness(counter)
     results["by_transport"] = counter.by_transport
     return results
@@ -272,6 +300,12 @@ def test_one_collective_per_pass(name: str, two_rank_results: list[dict[str, Any
 def test_collectives_scale_with_layers_not_tensors(two_rank_results: list[dict[str, Any]]) -> None:
     for results in two_rank_results:
         assert results["two_layer_calls"] == (2, 2)
+
+
+@pytest.mark.distributed
+def test_one_collective_per_layer_and_pass_in_ddp_training_steps(two_rank_results: list[dict[str, Any]]) -> None:
+    for results in two_rank_results:
+        assert results["training_step_calls"] == [(3, 3, 0)] * 3
 
 
 @pytest.mark.distributed
