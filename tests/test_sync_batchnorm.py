@@ -495,3 +495,29 @@ def test_rejects_inputs_without_channel_dimension() -> None:
         SyncBatchNorm(CHANNELS)(torch.randn(CHANNELS))
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
         SyncBatchNorm(CHANNELS)(torch.randn(1, CHANNELS))  # same message as nn.BatchNorm without a group
+
+
+@pytest.mark.parametrize(
+    ("shape", "lowered_thresholds"),
+    [
+        ((3, 7, 40, 40), True),  # thresholds lowered: blocks of 2, 2, 2 and 1 channels
+        ((2, 65, 128, 128), False),  # as large an input as the defaults build block by block, with a partial block
+    ],
+)
+def test_large_input_statistics_built_a_block_of_channels_at_a_time(shape, lowered_thresholds, monkeypatch) -> None:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=generator) * 2 + 1000
+    if lowered_thresholds:
+        monkeypatch.setattr(sync_batchnorm, "_TWO_PASS_CHUNK_ABOVE_NUMEL", x.numel() - 1)
+        monkeypatch.setattr(sync_batchnorm, "_TWO_PASS_CHUNK_NUMEL", 2 * x.numel() // x.size(1))
+    assert x.numel() > sync_batchnorm._TWO_PASS_CHUNK_ABOVE_NUMEL
+    blocks = []  # channels of each block's sum of squared deviations
+    real_sum = torch.sum
+    monkeypatch.setattr(torch, "sum", lambda tensor, *args, **kwargs: blocks.append(tensor.size(1))
+                        or real_sum(tensor, *args, **kwargs))
+    mean, var = sync_batchnorm._local_mean_var(x)
+    block = max(1, sync_batchnorm._TWO_PASS_CHUNK_NUMEL // (x.numel() // x.size(1)))
+    assert blocks == [min(block, x.size(1) - start) for start in range(0, x.size(1), block)]
+    expected_var, expected_mean = torch.var_mean(x.double(), dim=[0, 2, 3], correction=0)
+    assert_close(mean.double(), expected_mean, rtol=1e-6, atol=0)
+    assert_close(var.double(), expected_var, rtol=1e-5, atol=0)
