@@ -108,6 +108,34 @@ def _local_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
     return mean, var
 
 
+def _local_backward_sums(
+    grad: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, var: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
+    """Per-channel ``sum dy`` and ``sum dy * x_hat`` of a non-empty rank, with ``x_hat`` from the global statistics.
+
+    Both are what the weight and bias gradients are, and what the input gradient needs summed over ranks.
+
+    CUDA: ``torch.batch_norm_backward_reduce``, the kernel torch's own SyncBatchNorm uses for the same sums (it
+    returns ``sum dy`` and ``sum dy * (x - mean)``). The eval-mode ``native_batch_norm_backward`` call used on CPU
+    cannot run there: its CUDA implementation asserts that ``save_mean`` / ``save_invstd`` are defined tensors
+    (``TORCH_INTERNAL_ASSERT(save_mean->defined())`` in aten/src/ATen/native/cuda/Normalization.cu), and with the
+    weight/bias gradients requested it allocates them with the options of ``weight``, which is undefined for
+    ``affine=False``. Only the two sums are requested here, so neither applies.
+
+    Elsewhere: eval-mode BN backward with the global statistics yields, in one fused pass, exactly the two sums:
+    sum dy * x_hat (= grad_weight) and sum dy (= grad_bias). Its elementwise part would use the wrong (non-global)
+    formula for the input gradient, so it is not requested.
+    """
+    if x.device.type == "cuda":
+        invstd = torch.rsqrt(var + eps)
+        sum_dy, sum_dy_xmu, _, _ = torch.batch_norm_backward_reduce(grad, x, mean, invstd, None, True, False, False)
+        return sum_dy, sum_dy_xmu * invstd
+    _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+        grad, x, weight, mean, var, None, None, False, eps, [False, True, True]
+    )
+    return sum_dy, sum_dy_xhat
+
+
 class _SyncBatchNormFunction(torch.autograd.Function):
     """Batch normalization over the union of the batches of all ranks in ``process_group``.
 
@@ -225,12 +253,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         if input.numel() > 0:
             x = _cast(input, stat_dtype)
             grad = _cast(grad_output, stat_dtype)
-            # Eval-mode BN backward with the global statistics yields, in one fused pass, exactly the two local sums
-            # we need: sum dy * x_hat (= grad_weight) and sum dy (= grad_bias). Its elementwise part would use the
-            # wrong (non-global) formula for the input gradient, so it is not requested.
-            _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-                grad, x, stat_weight, mean, var, None, None, False, eps, [False, True, True]
-            )
+            sum_dy, sum_dy_xhat = _local_backward_sums(grad, x, stat_weight, mean, var, eps)
         else:
             x = grad = None
             sum_dy_xhat = torch.zeros(num_channels, dtype=stat_dtype, device=input.device)
