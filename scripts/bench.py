@@ -7,7 +7,7 @@ times mean little from one machine to the next, so each number here is a ratio o
 in the same run: a section times its variants in interleaved rounds (the order rotating from round to round, so
 machine noise and frequency drift hit them alike) and reports medians over rounds.
 
-Sections (``--only`` picks some; all run by default):
+Sections (``--only`` picks some; all run by default, gpu only where CUDA is):
 
 * ws: ``WSConv2d`` vs ``nn.Conv2d`` vs timm's ``StdConv2d`` on the convolutions ``convert_norms(model, "gn_ws")``
   standardizes in the mission's workloads, read off the models themselves: DeepLabV3-R50 on 512 px crops at output
@@ -27,6 +27,10 @@ Sections (``--only`` picks some; all run by default):
   Target < 5% (0.05x).
 * memory: memory of one training step of the segmentation model with each norm vs BN (see ``step_memory`` for
   what is counted on CPU). Targets: GN+WS <= 1.10x GN, FrozenBN < BN.
+* gpu (only where CUDA is; says so and skips otherwise): training step and peak memory of torchvision's
+  DeepLabV3-R50 at 512x512, batch 2, with BN, GN, GN+WS, gnlightning's SyncBatchNorm and torch.nn.SyncBatchNorm
+  (in a 1-rank NCCL group, each also with its synchronized path forced), in fp32, bf16 and fp16 autocast. No
+  targets yet: nothing has been measured on a GPU.
 
 Output: the markdown report on stdout and in ``<out>/bench.md``; ``<out>/bench.json`` holds the raw medians, the
 ratios, targets, pass / fail and the machine. A missed target shows as MISS, but the exit code stays 0: this is a
@@ -65,7 +69,9 @@ from gnlightning.models.builders import SEGMENTATION_MODELS, build_model
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_syncbn  # noqa: E402  (the sibling script, whose measurement is reused as is)
 
-SECTIONS = ("ws", "syncbn", "norms", "convert", "memory")
+SECTIONS = ("ws", "syncbn", "norms", "convert", "memory", "gpu")
+# gpu needs CUDA: part of the default run only where CUDA is (elsewhere it would only say it skipped).
+DEFAULT_SECTIONS = SECTIONS if torch.cuda.is_available() else tuple(name for name in SECTIONS if name != "gpu")
 # Interleaved rounds per timed section: many for cheap conv layers, few for whole-model training steps.
 DEFAULT_ROUNDS = {"ws": 3, "syncbn": 32, "norms": 5}
 # The 224 px worst case is cheap: many rounds of several calls, for a stable ratio of small times.
@@ -811,9 +817,279 @@ def bench_memory(args: argparse.Namespace) -> Section:
     return section
 
 
+# --------------------------------------------------------------------------------------------------------- gpu
+
+GPU_VARIANTS = ("bn", "gn", "gn_ws", "syncbn", "syncbn_sync", "torch_syncbn", "torch_syncbn_sync")
+GPU_PRECISIONS = ("fp32", "bf16", "fp16")
+GPU_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+GPU_ROUNDS = 10
+GPU_DESCRIPTIONS = {
+    "bn": "torchvision's BatchNorm2d",
+    "gn": "`convert_norms(model, 'gn')`",
+    "gn_ws": "`convert_norms(model, 'gn_ws')`",
+    "syncbn": "gnlightning SyncBatchNorm in the 1-rank group: BN's path, no collective (as in any 1-GPU run)",
+    "syncbn_sync": "gnlightning SyncBatchNorm's synchronized path forced, its two all_reduces per layer and step issued "
+                   "on the 1-rank group: SyncBN's per-GPU cost in multi-GPU training, minus waiting for other ranks and "
+                   "the wire",
+    "torch_syncbn": "torch.nn.SyncBatchNorm in the same group: falls back to F.batch_norm",
+    "torch_syncbn_sync": "torch.nn.SyncBatchNorm's synchronized path forced (its private autograd Function, "
+                         "all_gather + all_reduce per layer) on the same group: the peer of syncbn_sync",
+}
+
+
+def _forced_collectives():
+    """Inside: gnlightning's SyncBatchNorm issues its all_reduces even in a 1-rank group (which it normally skips),
+    on that group's real backend, so that a 1-GPU run times the collective path."""
+    import contextlib
+
+    import torch.distributed as dist
+    from gnlightning.layers import sync_batchnorm
+
+    def all_reduce_on_group(tensor: Tensor, group: object = None) -> Tensor:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        return tensor
+
+    @contextlib.contextmanager
+    def forced():
+        original = sync_batchnorm.all_reduce_sum
+        sync_batchnorm.all_reduce_sum = all_reduce_on_group
+        try:
+            yield
+        finally:
+            sync_batchnorm.all_reduce_sum = original
+
+    return forced()
+
+
+def _torch_sync_path_class() -> type[nn.Module]:
+    """torch.nn.SyncBatchNorm taking its synchronized path in any group (the module skips it for one rank)."""
+    import torch.distributed as dist
+    from torch.nn.modules._functions import SyncBatchNorm as sync_batch_norm  # private: the variant fails if it moves
+
+    class TorchSyncPathBatchNorm(nn.SyncBatchNorm):
+        def forward(self, input: Tensor) -> Tensor:
+            if not self.training:
+                return super().forward(input)
+            self.num_batches_tracked.add_(1)
+            group = self.process_group or dist.group.WORLD
+            return sync_batch_norm.apply(input, self.weight, self.bias, self.running_mean, self.running_var, self.eps,
+                                         self.momentum, group, dist.get_world_size(group))
+
+    return TorchSyncPathBatchNorm
+
+
+def _gpu_model(args: argparse.Namespace, variant: str) -> nn.Module:
+    """The segmentation model with ``variant``'s norm layers, on the CPU (seeded: every variant starts alike)."""
+    from gnlightning import SyncBatchNorm
+
+    if variant in ("bn", "gn", "gn_ws"):
+        return segmentation_model(args, variant)
+    if variant in ("syncbn", "syncbn_sync"):
+        model = segmentation_model(args, "syncbn")
+        if variant == "syncbn_sync":
+            for module in model.modules():
+                if type(module) is SyncBatchNorm:
+                    module.__class__ = bench_syncbn._SyncBatchNormWithoutCollectives
+        return model
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(segmentation_model(args, "bn"))
+    if variant == "torch_syncbn_sync":
+        forced_class = _torch_sync_path_class()
+        for module in model.modules():
+            if type(module) is nn.SyncBatchNorm:
+                module.__class__ = forced_class
+    return model
+
+
+def _gpu_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _gpu_loss(model: nn.Module, images: Tensor, labels: Tensor, precision: str) -> Callable[[], Tensor]:
+    dtype = GPU_AUTOCAST.get(precision)
+
+    def loss() -> Tensor:
+        with torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None):
+            return segmentation_loss(model, images, labels)
+
+    return loss
+
+
+def _gpu_train_step(model: nn.Module, loss: Callable[[], Tensor], precision: str, variant: str,
+                    device: torch.device) -> Callable[[], None]:
+    """Forward, loss, backward and SGD step, synchronized: host timers then measure the GPU's work. fp16 scales the
+    loss with a GradScaler, as Lightning's "16-mixed" does."""
+    import contextlib
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    forced = variant == "syncbn_sync"
+
+    def step() -> None:
+        with _forced_collectives() if forced else contextlib.nullcontext():
+            value = loss()
+            if scaler is None:
+                value.backward()
+                optimizer.step()
+            else:
+                scaler.scale(value).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+        _synchronize(device)
+
+    return step
+
+
+def _failure(error: Exception) -> str:
+    """One line: torch's dispatcher errors run to a hundred lines listing every backend."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def _one_rank_group() -> tuple[str, bool]:
+    """A 1-rank process group for the SyncBN variants: (backend, whether this call created it)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return dist.get_backend(), False
+    backend = "nccl" if dist.is_nccl_available() else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{bench_syncbn._free_port()}", rank=0,
+                            world_size=1)
+    return backend, True
+
+
+def bench_gpu(args: argparse.Namespace) -> Section:
+    section = Section("gpu")
+    if not torch.cuda.is_available():
+        _log("gpu: skipped, CUDA is not available")
+        section.details = ["Skipped: CUDA is not available on this machine (torch.cuda.is_available() is False). "
+                           "On a GPU machine: `python scripts/bench.py --only gpu`, or `bash scripts/gpu_check.sh`."]
+        section.raw = {"skipped": "CUDA is not available"}
+        return section
+    import contextlib
+
+    import torch.distributed as dist
+
+    rounds = args.rounds or (QUICK_ROUNDS if args.quick else GPU_ROUNDS)
+    steps_per_round = 1 if args.quick else args.gpu_steps
+    precisions = list(args.gpu_precisions)
+    notes: list[str] = []
+    if "bf16" in precisions and not torch.cuda.is_bf16_supported():
+        precisions.remove("bf16")
+        notes.append("bf16 skipped: this GPU does not support bfloat16.")
+    failures: dict[str, str] = {}
+    gpu_args = argparse.Namespace(**{**vars(args), "seg_size": args.gpu_size})
+    device = _gpu_device()
+    images, labels = (tensor.to(device) for tensor in segmentation_batch(gpu_args))
+    backend, created = _one_rank_group()
+    try:
+        models: dict[str, nn.Module] = {}
+        for variant in GPU_VARIANTS:
+            _log(f"gpu: building {args.seg_model} with {variant}")
+            try:
+                models[variant] = _gpu_model(args, variant)
+            except Exception as error:  # noqa: BLE001 - reported in the section; the other variants still run
+                failures[f"{variant}: build"] = _failure(error)
+
+        # Peak memory of one forward + backward, each model alone on the GPU.
+        peaks: dict[str, dict[str, int]] = {precision: {} for precision in precisions}
+        for precision in precisions:
+            for variant, model in models.items():
+                _log(f"gpu: peak memory, {precision}, {variant}")
+                model.to(device)
+                try:
+                    loss = _gpu_loss(model, images, labels, precision)
+                    with _forced_collectives() if variant == "syncbn_sync" else contextlib.nullcontext():
+                        peaks[precision][variant] = cuda_peak_bytes(model, loss)
+                except Exception as error:  # noqa: BLE001
+                    failures[f"{variant}: {precision} memory"] = _failure(error)
+                finally:
+                    model.zero_grad(set_to_none=True)
+                    model.cpu()
+                    gc.collect()
+                    torch.cuda.empty_cache()
+
+        # Step times: every model on the GPU, timed in interleaved rounds.
+        for model in models.values():
+            model.to(device)
+        medians: dict[str, dict[str, float]] = {}
+        for precision in precisions:
+            steps = {}
+            for variant, model in models.items():
+                step = _gpu_train_step(model, _gpu_loss(model, images, labels, precision), precision, variant, device)
+                try:
+                    step()  # a variant that fails is reported and left out of the timing
+                except Exception as error:  # noqa: BLE001
+                    failures[f"{variant}: {precision} step"] = _failure(error)
+                    continue
+                steps[variant] = step
+            _log(f"gpu: {precision}, {len(steps)} variants, {rounds} rounds x {steps_per_round} steps")
+            medians[precision] = time_interleaved(steps, rounds, steps_per_round=steps_per_round, warmup=2)
+        del models
+        gc.collect()
+        torch.cuda.empty_cache()
+        nccl = None
+        if backend == "nccl":
+            version = torch.cuda.nccl.version()  # a tuple in recent torch, an int in old ones
+            nccl = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+    for precision in precisions:
+        times, peak = medians.get(precision, {}), peaks[precision]
+        for variant in GPU_VARIANTS[1:]:
+            if variant in times and "bn" in times:
+                section.add(f"{variant} / bn training step, {precision}", times[variant] / times["bn"])
+        for variant in GPU_VARIANTS[1:]:
+            if variant in peak and "bn" in peak:
+                section.add(f"{variant} / bn peak memory, {precision}", peak[variant] / peak["bn"])
+    section.raw = {
+        "ms": medians, "peak_bytes": peaks, "failures": failures, "rounds": rounds, "steps_per_round": steps_per_round,
+        "model": args.seg_model, "size": args.gpu_size, "batch": BATCH, "device": torch.cuda.get_device_name(device),
+        "backend": backend, "nccl": nccl, "cudnn": torch.backends.cudnn.version(), "cuda": torch.version.cuda,
+        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32, "cudnn_benchmark": torch.backends.cudnn.benchmark,
+    }
+
+    details = [
+        (f"Training step (forward, cross-entropy, backward, SGD with momentum; `torch.cuda.synchronize()` after each) "
+         f"of `{args.seg_model}`, {NUM_CLASSES} classes, batch {BATCH}, {args.gpu_size}x{args.gpu_size}, NCHW, on "
+         f"{section.raw['device']} (CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}); median of "
+         f"{rounds} interleaved rounds x {steps_per_round} steps after 2 warm-up steps. fp32 keeps PyTorch's defaults "
+         f"(cuDNN TF32 {'on' if torch.backends.cudnn.allow_tf32 else 'off'}, cudnn.benchmark "
+         f"{'on' if torch.backends.cudnn.benchmark else 'off'}); bf16 and fp16 are autocast, fp16 with a GradScaler. "
+         f"Peak: `torch.cuda.max_memory_allocated` over one forward + backward, the model alone on the GPU. "
+         f"SyncBN variants run in a 1-rank {backend} process group{f' (NCCL {nccl})' if nccl else ''} made by the "
+         "benchmark."),
+        "",
+        *[f"- {variant}: {GPU_DESCRIPTIONS[variant]}" for variant in GPU_VARIANTS],
+    ]
+    for precision in precisions:
+        times, peak = medians.get(precision, {}), peaks[precision]
+
+        def cell(values: dict, variant: str, scale: float, digits: int) -> list[str]:
+            if variant not in values:
+                return ["failed", "-"]
+            ratio = f"{values[variant] / values['bn']:.3f}x" if "bn" in values else "-"
+            return [f"{values[variant] / scale:.{digits}f}", ratio]
+
+        rows = [[variant, *cell(times, variant, 1.0, 1), *cell(peak, variant, 2**20, 0)] for variant in GPU_VARIANTS]
+        details += ["", f"**{precision}**", "",
+                    *markdown_table(["variant", "step (ms)", "vs bn", "peak (MB)", "vs bn"], rows, "lrrrr")]
+    details += [f"\n{note}" for note in notes]
+    details += [f"\n**FAILED:** {what}: {message}" for what, message in failures.items()]
+    section.details = details
+    return section
+
+
 BENCHES: dict[str, Callable[[argparse.Namespace], Section]] = {
     "ws": bench_ws, "syncbn": bench_syncbn_section, "norms": bench_norms, "convert": bench_convert,
-    "memory": bench_memory,
+    "memory": bench_memory, "gpu": bench_gpu,
 }
 
 
@@ -891,8 +1167,8 @@ def _usable_cores() -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), metavar="SECTION",
-                        help=f"sections to run (default all): {' '.join(SECTIONS)}")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(DEFAULT_SECTIONS), metavar="SECTION",
+                        help=f"sections to run: {' '.join(SECTIONS)} (default all; gpu only where CUDA is)")
     parser.add_argument("--quick", action="store_true", help="smoke-test sizes; the numbers mean nothing")
     parser.add_argument("--threads", type=int, default=_usable_cores(),
                         help="torch threads (default: every usable core); syncbn runs 1 per process regardless")
@@ -908,10 +1184,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         + ", ".join(SEGMENTATION_MODELS))
     parser.add_argument("--seg-size", type=int, metavar="SIZE",
                         help="its input height and width (default 128; 32 with --quick)")
+    parser.add_argument("--gpu-size", type=int, metavar="SIZE",
+                        help="input height and width of the gpu section (default 512; 64 with --quick)")
+    parser.add_argument("--gpu-precisions", nargs="+", choices=GPU_PRECISIONS, default=list(GPU_PRECISIONS),
+                        metavar="PRECISION", help=f"gpu section precisions (default: {' '.join(GPU_PRECISIONS)})")
+    parser.add_argument("--gpu-steps", type=int, default=3, metavar="STEPS",
+                        help="training steps per timed round in the gpu section (default 3; 1 with --quick)")
     parser.add_argument("--out", type=Path, default=Path("docs/bench"), help="writes bench.md and bench.json here")
     args = parser.parse_args(argv)
     args.syncbn_widths = args.syncbn_widths or ([8] if args.quick else [32, *bench_syncbn.TARGET_WIDTHS])
     args.seg_size = args.seg_size or (32 if args.quick else 128)
+    args.gpu_size = args.gpu_size or (64 if args.quick else 512)
     return args
 
 
