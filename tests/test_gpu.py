@@ -109,317 +109,6 @@ def _recorded(function: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         return {"error": traceback.format_exc()}
 
 
-# ------------------------------------------------------------------------------------------------------ SyncBN
-
-CHANNELS = 3
-SPATIAL = (5, 6)
-STEPS = 2
-TOLERANCE = 1e-5
-
-# Per-rank batch sizes and options. Data depend only on the case and step, so workers and reference regenerate the
-# same global batch.
-SYNC_CASES: dict[str, dict[str, Any]] = {
-    "uneven_3_1": {"sizes": (3, 1)},
-    "even_2_2": {"sizes": (2, 2)},
-    "channels_last_3_1": {"sizes": (3, 1), "channels_last": True},
-    "no_affine_2_1": {"sizes": (2, 1), "affine": False},
-    # |mean| / std = 500: the global variance survives only because ranks send float64 moments.
-    "large_offset_3_1": {"sizes": (3, 1), "offset": 1000.0, "tolerance": 1e-4},
-    "bfloat16_3_1": {"sizes": (3, 1), "dtype": torch.bfloat16, "offset": 8.0},
-    # Last: a rank with nothing still joins both collectives.
-    "empty_rank_2_0": {"sizes": (2, 0)},
-}
-# torch.nn.SyncBatchNorm is compared on float32 input: its mixed bf16 path is torch's business, not the subject here.
-TORCH_PEER_CASES = [name for name, case in SYNC_CASES.items() if case.get("dtype", torch.float32) == torch.float32]
-# One rank: the whole global batch.
-ONE_RANK_CASES = ["even_2_2", "channels_last_3_1", "no_affine_2_1", "large_offset_3_1", "bfloat16_3_1"]
-
-
-def _sync_data(name: str, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Global batch and upstream gradient, float64 on the CPU. A random upstream gradient, not out.sum(): BN's input
-    gradient under a constant one is ~0, which would let a wrong backward pass."""
-    case = SYNC_CASES[name]
-    generator = torch.Generator().manual_seed(100 * list(SYNC_CASES).index(name) + step)
-    shape = (sum(case["sizes"]), CHANNELS, *SPATIAL)
-    x = torch.randn(shape, generator=generator, dtype=torch.float64) * 2.0 + case.get("offset", 3.0)
-    grad = torch.randn(shape, generator=generator, dtype=torch.float64)
-    return x, grad
-
-
-def _affine_init() -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(7)
-    return (torch.rand(CHANNELS, generator=generator, dtype=torch.float64) + 0.5,
-            torch.randn(CHANNELS, generator=generator, dtype=torch.float64))
-
-
-class _SyncPathBatchNorm(SyncBatchNorm):
-    """gnlightning's synchronized training path even in a group of one rank (where the layer normally takes
-    nn.BatchNorm's path), so that its collectives can run on a 1-rank NCCL group."""
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return super().forward(input)
-        track = self.track_running_stats
-        return _SyncBatchNormFunction.apply(
-            input, self.weight, self.bias, self.running_mean if track else None, self.running_var if track else None,
-            self.num_batches_tracked if track else None, self.momentum, self.eps, self.process_group,
-        )
-
-
-def _train_layer(layer: nn.Module, name: str, rank: int, world_size: int, device: str) -> dict[str, Any]:
-    """STEPS training steps of ``layer`` on this rank's share of case ``name``; everything returned on the CPU."""
-    case = SYNC_CASES[name]
-    sizes = case["sizes"] if world_size > 1 else (sum(case["sizes"]),)
-    start, stop = sum(sizes[:rank]), sum(sizes[: rank + 1])
-    dtype = case.get("dtype", torch.float32)
-    layer = layer.to(device).train()
-    if layer.affine:
-        weight, bias = _affine_init()
-        with torch.no_grad():
-            layer.weight.copy_(weight)
-            layer.bias.copy_(bias)
-    result: dict[str, Any] = {"out": [], "grad_input": [], "grad_weight": [], "grad_bias": []}
-    for step in range(STEPS):
-        x_global, grad_global = _sync_data(name, step)
-        x = x_global[start:stop].to(device=device, dtype=dtype)
-        grad = grad_global[start:stop].to(device=device, dtype=dtype)
-        if case.get("channels_last"):
-            x = x.contiguous(memory_format=torch.channels_last)
-            grad = grad.contiguous(memory_format=torch.channels_last)
-        x.requires_grad_(True)
-        layer.zero_grad(set_to_none=True)
-        out = layer(x)
-        (out * grad).sum().backward()
-        result["out"].append(out.detach().cpu())
-        # torch's SyncBatchNorm leaves the gradients of an empty rank as None ("tensors full of zeros").
-        result["grad_input"].append(torch.zeros_like(x).cpu() if x.grad is None else x.grad.detach().cpu())
-        if layer.affine:
-            for key, parameter in (("grad_weight", layer.weight), ("grad_bias", layer.bias)):
-                grad_value = torch.zeros_like(parameter) if parameter.grad is None else parameter.grad
-                result[key].append(grad_value.detach().cpu())
-        if x.numel():
-            # Whatever layout PyTorch's own BatchNorm gives this input is the one to keep.
-            reference_layout = nn.BatchNorm2d(CHANNELS).to(device)(x.detach()).is_contiguous(
-                memory_format=torch.channels_last)
-            result["layout"] = (out.is_contiguous(memory_format=torch.channels_last), reference_layout)
-    result.update(running_mean=layer.running_mean.detach().cpu(), running_var=layer.running_var.detach().cpu(),
-                  num_batches_tracked=int(layer.num_batches_tracked), out_dtype=result["out"][0].dtype)
-    return result
-
-
-def _gloo_worker(rank: int, world_size: int, device: str) -> dict[str, Any]:
-    """Every 2-rank case, with gnlightning's layer and then with torch's, on the GPU both processes share."""
-    if device == "cuda":
-        torch.cuda.set_device(0)
-    counter = CollectiveCounter()
-    results: dict[str, Any] = {"backend": dist.get_backend(), "gnl": {}, "torch": {}}
-    for name in SYNC_CASES:
-        results["gnl"][name] = _recorded(
-            lambda: _train_layer(SyncBatchNorm(CHANNELS, affine=SYNC_CASES[name].get("affine", True)), name, rank,
-                                 world_size, device))
-    results["gnl_transports"] = dict(counter.by_transport)
-    for name in TORCH_PEER_CASES:
-        results["torch"][name] = _recorded(
-            lambda: _train_layer(nn.SyncBatchNorm(CHANNELS, affine=SYNC_CASES[name].get("affine", True)), name, rank,
-                                 world_size, device))
-    return results
-
-
-def _one_rank_worker(rank: int, world_size: int, backend: str, device: str) -> dict[str, Any]:
-    """A 1-rank group of ``backend`` (NCCL on the GPU): the plain path, the forced synchronized path with its
-    collectives issued on that group, and torch's SyncBatchNorm."""
-    if device == "cuda":
-        torch.cuda.set_device(0)
-    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=120))
-    try:
-        calls: list[tuple[int, torch.dtype]] = []
-
-        def all_reduce_on_group(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
-            # gnlightning skips collectives in a 1-rank group; this issues them anyway, on the real backend.
-            calls.append((tensor.numel(), tensor.dtype))
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
-            return tensor
-
-        results: dict[str, Any] = {"backend": dist.get_backend(), "plain": {}, "sync_path": {}, "torch": {},
-                                   "sync_path_calls": {}}
-        for name in ONE_RANK_CASES:
-            affine = SYNC_CASES[name].get("affine", True)
-            results["plain"][name] = _recorded(
-                lambda: _train_layer(SyncBatchNorm(CHANNELS, affine=affine), name, 0, 1, device))
-            original = sync_batchnorm.all_reduce_sum
-            sync_batchnorm.all_reduce_sum = all_reduce_on_group
-            calls.clear()
-            try:
-                results["sync_path"][name] = _recorded(
-                    lambda: _train_layer(_SyncPathBatchNorm(CHANNELS, affine=affine), name, 0, 1, device))
-            finally:
-                sync_batchnorm.all_reduce_sum = original
-            results["sync_path_calls"][name] = list(calls)
-            if SYNC_CASES[name].get("dtype", torch.float32) == torch.float32:
-                results["torch"][name] = _recorded(
-                    lambda: _train_layer(nn.SyncBatchNorm(CHANNELS, affine=affine), name, 0, 1, device))
-        return results
-    finally:
-        dist.destroy_process_group()
-
-
-def _sync_reference(name: str) -> dict[str, Any]:
-    """nn.BatchNorm2d in float64 on the concatenated global batch, same steps and initial parameters."""
-    case = SYNC_CASES[name]
-    dtype = case.get("dtype", torch.float32)
-    reference = nn.BatchNorm2d(CHANNELS, affine=case.get("affine", True)).double()
-    if reference.affine:
-        weight, bias = _affine_init()
-        with torch.no_grad():
-            reference.weight.copy_(weight)
-            reference.bias.copy_(bias)
-    expected: dict[str, Any] = {"out": [], "grad_input": [], "grad_weight": [], "grad_bias": []}
-    for step in range(STEPS):
-        x, grad = _sync_data(name, step)
-        x = x.to(dtype).double().requires_grad_()  # the values the ranks actually see
-        reference.zero_grad(set_to_none=True)
-        out = reference(x)
-        (out * grad.to(dtype).double()).sum().backward()
-        expected["out"].append(out.detach())
-        expected["grad_input"].append(x.grad)
-        if reference.affine:
-            expected["grad_weight"].append(reference.weight.grad.clone())
-            expected["grad_bias"].append(reference.bias.grad.clone())
-    expected.update(running_mean=reference.running_mean, running_var=reference.running_var,
-                    num_batches_tracked=int(reference.num_batches_tracked))
-    return expected
-
-
-def _check_against_reference(name: str, ranks: list[dict[str, Any]], what: str) -> None:
-    case = SYNC_CASES[name]
-    sizes = list(case["sizes"]) if len(ranks) > 1 else [sum(case["sizes"])]
-    dtype = case.get("dtype", torch.float32)
-    low_precision = dtype != torch.float32
-    tolerance = case.get("tolerance", TOLERANCE)
-    # bf16 output: only the final rounding may differ (~3 significant digits).
-    out_tolerance, grad_tolerance = (2e-2, 3e-2) if low_precision else (tolerance, tolerance)
-    expected = _sync_reference(name)
-    for step in range(STEPS):
-        for rank, (out, grad, expected_out, expected_grad) in enumerate(zip(
-                [result["out"][step] for result in ranks], [result["grad_input"][step] for result in ranks],
-                expected["out"][step].split(sizes), expected["grad_input"][step].split(sizes))):
-            where = f"{what}, step {step}, rank {rank}"
-            assert out.dtype == dtype, f"{where}: output dtype {out.dtype}, input dtype {dtype}"
-            assert out.shape == expected_out.shape, f"{where}: output shape {tuple(out.shape)}"
-            assert_close(out.double(), expected_out, rtol=out_tolerance, atol=out_tolerance,
-                         msg=lambda message: f"{where}, output vs BatchNorm2d on the global batch: {message}")
-            assert_close(grad.double(), expected_grad, rtol=grad_tolerance, atol=grad_tolerance,
-                         msg=lambda message: f"{where}, input gradient vs BatchNorm2d on the global batch: {message}")
-        if case.get("affine", True):
-            # Local sums by design: summed over ranks (what DDP does, up to its 1/world averaging) they equal the
-            # single-process gradient on the concatenated batch.
-            for key in ("grad_weight", "grad_bias"):
-                total = sum(result[key][step].double() for result in ranks)
-                parameter_tolerance = 1e-4 if low_precision else tolerance
-                assert_close(total, expected[key][step], rtol=parameter_tolerance, atol=parameter_tolerance,
-                             msg=lambda message: f"{what}, step {step}, {key} summed over ranks: {message}")
-    for rank, result in enumerate(ranks):
-        for key in ("running_mean", "running_var"):
-            assert_close(result[key].double(), expected[key], rtol=TOLERANCE, atol=TOLERANCE,
-                         msg=lambda message: f"{what}, rank {rank}, {key}: {message}")
-        assert result["num_batches_tracked"] == expected["num_batches_tracked"] == STEPS, (
-            f"{what}, rank {rank}: num_batches_tracked {result['num_batches_tracked']}, expected {STEPS}")
-        if "layout" in result:
-            layout, reference_layout = result["layout"]
-            assert layout == reference_layout, (
-                f"{what}, rank {rank}: output channels_last={layout}, nn.BatchNorm2d on the same input gives "
-                f"channels_last={reference_layout}")
-
-
-def _check_equal_ranks(ours: list[dict[str, Any]], theirs: list[dict[str, Any]], what: str) -> None:
-    """Rank by rank, step by step: the same outputs, gradients (local weight/bias sums in both) and statistics."""
-    for rank, (mine, peer) in enumerate(zip(ours, theirs)):
-        for key in ("out", "grad_input", "grad_weight", "grad_bias"):
-            for step, (value, peer_value) in enumerate(zip(mine[key], peer[key])):
-                assert_close(value, peer_value, rtol=TOLERANCE, atol=TOLERANCE,
-                             msg=lambda message: f"{what}, rank {rank}, step {step}, {key}: {message}")
-        for key in ("running_mean", "running_var"):
-            assert_close(mine[key], peer[key], rtol=TOLERANCE, atol=TOLERANCE,
-                         msg=lambda message: f"{what}, rank {rank}, {key}: {message}")
-        assert mine["num_batches_tracked"] == peer["num_batches_tracked"], f"{what}, rank {rank}: num_batches_tracked"
-        assert mine.get("layout", (None,))[0] == peer.get("layout", (None,))[0], f"{what}, rank {rank}: output layout"
-
-
-@pytest.fixture(scope="module")
-def two_ranks_one_gpu() -> list[dict[str, Any]]:
-    return run_distributed(_gloo_worker, 2, DEVICE, timeout=240)
-
-
-@pytest.fixture(scope="module")
-def one_rank_nccl() -> dict[str, Any]:
-    if not dist.is_nccl_available():
-        pytest.skip("this torch build has no NCCL")
-    return run_distributed(_one_rank_worker, 1, "nccl", DEVICE, init_process_group=False, timeout=240)[0]
-
-
-@pytest.mark.distributed
-def test_two_ranks_on_one_gpu_use_gloo_through_torch_distributed(two_ranks_one_gpu: list[dict[str, Any]]) -> None:
-    for rank, results in enumerate(two_ranks_one_gpu):
-        assert results["backend"] == "gloo"
-        # CUDA tensors never take the host-local CPU channel: every collective went through torch.distributed.
-        assert results["gnl_transports"]["host"] == 0, f"rank {rank}: {results['gnl_transports']}"
-        assert results["gnl_transports"]["torch"] > 0, f"rank {rank}: no collective ran ({results['gnl_transports']})"
-
-
-@pytest.mark.distributed
-@pytest.mark.parametrize("name", list(SYNC_CASES))
-def test_syncbn_two_ranks_on_one_gpu_matches_batchnorm_on_global_batch(
-    name: str, two_ranks_one_gpu: list[dict[str, Any]]
-) -> None:
-    ranks = [results["gnl"][name] for results in two_ranks_one_gpu]
-    _raise_worker_errors(ranks, f"gnlightning SyncBatchNorm, 2 ranks on one GPU (gloo), case {name}")
-    _check_against_reference(name, ranks, f"gnlightning SyncBatchNorm, 2 ranks (gloo, CUDA), case {name}")
-
-
-@pytest.mark.distributed
-@pytest.mark.parametrize("name", TORCH_PEER_CASES)
-def test_syncbn_two_ranks_on_one_gpu_equals_torch_syncbatchnorm(
-    name: str, two_ranks_one_gpu: list[dict[str, Any]]
-) -> None:
-    ours = [results["gnl"][name] for results in two_ranks_one_gpu]
-    theirs = [results["torch"][name] for results in two_ranks_one_gpu]
-    _raise_worker_errors(ours, f"gnlightning SyncBatchNorm, case {name}")
-    _raise_worker_errors(theirs, f"torch.nn.SyncBatchNorm (the peer, not the code under test), case {name}")
-    # The peer first checked against the same reference: a disagreement then is ours to explain.
-    _check_against_reference(name, theirs, f"torch.nn.SyncBatchNorm, 2 ranks (gloo, CUDA), case {name}")
-    _check_equal_ranks(ours, theirs, f"gnlightning vs torch.nn.SyncBatchNorm, case {name}")
-
-
-@pytest.mark.distributed
-@pytest.mark.parametrize("variant", ["plain", "sync_path"])
-@pytest.mark.parametrize("name", ONE_RANK_CASES)
-def test_syncbn_one_rank_nccl_matches_batchnorm(name: str, variant: str, one_rank_nccl: dict[str, Any]) -> None:
-    assert one_rank_nccl["backend"] == "nccl"
-    result = one_rank_nccl[variant][name]
-    what = f"gnlightning SyncBatchNorm, 1-rank NCCL group, {variant} path, case {name}"
-    _raise_worker_errors([result], what)
-    _check_against_reference(name, [result], what)
-
-
-@pytest.mark.distributed
-@pytest.mark.parametrize("name", ONE_RANK_CASES)
-def test_syncbn_sync_path_issues_both_collectives_on_nccl(name: str, one_rank_nccl: dict[str, Any]) -> None:
-    calls = one_rank_nccl["sync_path_calls"][name]
-    # Per step: the forward moments [sum x, sum x^2, count] in float64, the backward sums [sum dy, sum dy x_hat].
-    expected = [(2 * CHANNELS + 1, torch.float64), (2 * CHANNELS, torch.float32)] * STEPS
-    assert calls == expected, f"case {name}: collectives (numel, dtype) {calls}, expected {expected}"
-
-
-@pytest.mark.distributed
-@pytest.mark.parametrize("name", [name for name in ONE_RANK_CASES if name in TORCH_PEER_CASES])
-def test_syncbn_one_rank_nccl_equals_torch_syncbatchnorm(name: str, one_rank_nccl: dict[str, Any]) -> None:
-    _raise_worker_errors([one_rank_nccl["torch"][name]], f"torch.nn.SyncBatchNorm (the peer), case {name}")
-    for variant in ("plain", "sync_path"):
-        _raise_worker_errors([one_rank_nccl[variant][name]], f"gnlightning SyncBatchNorm, {variant}, case {name}")
-        _check_equal_ranks([one_rank_nccl[variant][name]], [one_rank_nccl["torch"][name]],
-                           f"gnlightning ({variant} path) vs torch.nn.SyncBatchNorm, 1-rank NCCL, case {name}")
-
-
 # ------------------------------------------------------------------------ norms under autocast and channels_last
 
 NORMS = ["gn", "gn_ws", "frozen_bn", "syncbn"]
@@ -663,45 +352,6 @@ def test_wsconv2d_training_and_eval_match_standardized_conv(precision: str, layo
         _assert_near(folded, expected, FLOAT32_TOLERANCE, f"{what}, to_conv2d() output")
 
 
-# --------------------------------------------------------------------------------------------------- gnl-train
-
-TRAIN_OVERRIDES = [
-    "trainer=gpu", "data.num_train=8", "data.num_val=4", "data.num_test=4", "data.image_size=64",
-    "data.batch_size=2", "trainer.max_epochs=1", "trainer.max_steps=4", "trainer.limit_val_batches=2",
-    "trainer.limit_test_batches=2", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
-    "hydra.run.dir=run",
-]
-
-
-def test_gnl_train_trainer_gpu_runs_a_few_steps(tmp_path: Path) -> None:
-    # This checkout first on the path, whatever is installed; one thread per process as in the other CLI tests.
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "-m", "gnlightning.train", *TRAIN_OVERRIDES]
-    result = subprocess.run(command, cwd=tmp_path, env=env, timeout=420, capture_output=True, text=True, check=False)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, (
-        f"gnl-train {' '.join(TRAIN_OVERRIDES)} exited with {result.returncode}; last output:\n{output[-5000:]}")
-    for line in output.splitlines():  # Lightning's device summary, where it prints one
-        if line.startswith("GPU available:"):
-            assert "used: True" in line, line
-
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
-    # 4 optimizer steps, unless the fp16 GradScaler skipped some (Lightning may not count those)
-    assert 1 <= results["settings"]["global_step"] <= 4, results["settings"]
-    assert results["metrics"], f"no metrics in results.json: {results}"
-    for key, value in results["metrics"].items():
-        assert math.isfinite(value), f"results.json: {key} = {value}"
-    assert 0.0 <= results["metrics"]["test/mIoU"] <= 1.0, results["metrics"]
-
-    metrics_files = sorted((tmp_path / "run").rglob("metrics.csv"))
-    assert metrics_files, f"no metrics.csv under {tmp_path / 'run'}"
-    with metrics_files[0].open() as handle:
-        losses = [float(row["train/loss"]) for row in csv.DictReader(handle) if row.get("train/loss")]
-    assert len(losses) >= 1, f"no train/loss logged in {metrics_files[0]}"
-    assert all(math.isfinite(loss) for loss in losses), f"train/loss: {losses}"
-
-
 # ------------------------------------------------------------------------------------------------------ export
 
 
@@ -726,3 +376,353 @@ def test_prepare_for_export_of_cuda_model_matches_eval_outputs(norm: str) -> Non
     assert_close(got, expected, rtol=1e-3, atol=1e-4, msg=lambda message: f"{what} vs the eval model: {message}")
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), f"prepare_for_export modified the original model's {key}"
+
+
+# ------------------------------------------------------------------------------------------------------ SyncBN
+
+CHANNELS = 3
+SPATIAL = (5, 6)
+STEPS = 2
+TOLERANCE = 1e-5
+
+# Per-rank batch sizes and options. Data depend only on the case and step, so workers and reference regenerate the
+# same global batch.
+SYNC_CASES: dict[str, dict[str, Any]] = {
+    "uneven_3_1": {"sizes": (3, 1)},
+    "even_2_2": {"sizes": (2, 2)},
+    "channels_last_3_1": {"sizes": (3, 1), "channels_last": True},
+    "no_affine_2_1": {"sizes": (2, 1), "affine": False},
+    # |mean| / std = 500: the global variance survives only because ranks send float64 moments.
+    "large_offset_3_1": {"sizes": (3, 1), "offset": 1000.0, "tolerance": 1e-4},
+    "bfloat16_3_1": {"sizes": (3, 1), "dtype": torch.bfloat16, "offset": 8.0},
+    # Last: a rank with nothing still joins both collectives.
+    "empty_rank_2_0": {"sizes": (2, 0)},
+}
+# torch.nn.SyncBatchNorm is compared on float32 input: its mixed bf16 path is torch's business, not the subject here.
+TORCH_PEER_CASES = [name for name, case in SYNC_CASES.items() if case.get("dtype", torch.float32) == torch.float32]
+# One rank: the whole global batch.
+ONE_RANK_CASES = ["even_2_2", "channels_last_3_1", "no_affine_2_1", "large_offset_3_1", "bfloat16_3_1"]
+
+
+def _sync_data(name: str, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global batch and upstream gradient, float64 on the CPU. A random upstream gradient, not out.sum(): BN's input
+    gradient under a constant one is ~0, which would let a wrong backward pass."""
+    case = SYNC_CASES[name]
+    generator = torch.Generator().manual_seed(100 * list(SYNC_CASES).index(name) + step)
+    shape = (sum(case["sizes"]), CHANNELS, *SPATIAL)
+    x = torch.randn(shape, generator=generator, dtype=torch.float64) * 2.0 + case.get("offset", 3.0)
+    grad = torch.randn(shape, generator=generator, dtype=torch.float64)
+    return x, grad
+
+
+def _affine_init() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(7)
+    return (torch.rand(CHANNELS, generator=generator, dtype=torch.float64) + 0.5,
+            torch.randn(CHANNELS, generator=generator, dtype=torch.float64))
+
+
+class _SyncPathBatchNorm(SyncBatchNorm):
+    """gnlightning's synchronized training path even in a group of one rank (where the layer normally takes
+    nn.BatchNorm's path), so that its collectives can run on a 1-rank NCCL group."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(input)
+        track = self.track_running_stats
+        return _SyncBatchNormFunction.apply(
+            input, self.weight, self.bias, self.running_mean if track else None, self.running_var if track else None,
+            self.num_batches_tracked if track else None, self.momentum, self.eps, self.process_group,
+        )
+
+
+def _train_layer(layer: nn.Module, name: str, rank: int, world_size: int, device: str) -> dict[str, Any]:
+    """STEPS training steps of ``layer`` on this rank's share of case ``name``; everything returned on the CPU."""
+    case = SYNC_CASES[name]
+    sizes = case["sizes"] if world_size > 1 else (sum(case["sizes"]),)
+    start, stop = sum(sizes[:rank]), sum(sizes[: rank + 1])
+    dtype = case.get("dtype", torch.float32)
+    layer = layer.to(device).train()
+    if layer.affine:
+        weight, bias = _affine_init()
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+            layer.bias.copy_(bias)
+    result: dict[str, Any] = {"out": [], "grad_input": [], "grad_weight": [], "grad_bias": []}
+    for step in range(STEPS):
+        x_global, grad_global = _sync_data(name, step)
+        x = x_global[start:stop].to(device=device, dtype=dtype)
+        grad = grad_global[start:stop].to(device=device, dtype=dtype)
+        if case.get("channels_last"):
+            x = x.contiguous(memory_format=torch.channels_last)
+            grad = grad.contiguous(memory_format=torch.channels_last)
+        x.requires_grad_(True)
+        layer.zero_grad(set_to_none=True)
+        out = layer(x)
+        (out * grad).sum().backward()
+        result["out"].append(out.detach().cpu())
+        # torch's SyncBatchNorm leaves the gradients of an empty rank as None ("tensors full of zeros").
+        result["grad_input"].append(torch.zeros_like(x).cpu() if x.grad is None else x.grad.detach().cpu())
+        if layer.affine:
+            for key, parameter in (("grad_weight", layer.weight), ("grad_bias", layer.bias)):
+                grad_value = torch.zeros_like(parameter) if parameter.grad is None else parameter.grad
+                result[key].append(grad_value.detach().cpu())
+        if x.numel():
+            # Whatever layout PyTorch's own BatchNorm gives this input is the one to keep.
+            reference_layout = nn.BatchNorm2d(CHANNELS).to(device)(x.detach()).is_contiguous(
+                memory_format=torch.channels_last)
+            result["layout"] = (out.is_contiguous(memory_format=torch.channels_last), reference_layout)
+    result.update(running_mean=layer.running_mean.detach().cpu(), running_var=layer.running_var.detach().cpu(),
+                  num_batches_tracked=int(layer.num_batches_tracked), out_dtype=result["out"][0].dtype)
+    return result
+
+
+def _gloo_worker(rank: int, world_size: int, device: str) -> dict[str, Any]:
+    """Every 2-rank case, with gnlightning's layer and then with torch's, on the GPU both processes share."""
+    if device == "cuda":
+        torch.cuda.set_device(0)
+    counter = CollectiveCounter()
+    results: dict[str, Any] = {"backend": dist.get_backend(), "gnl": {}, "torch": {}}
+    for name in SYNC_CASES:
+        results["gnl"][name] = _recorded(
+            lambda: _train_layer(SyncBatchNorm(CHANNELS, affine=SYNC_CASES[name].get("affine", True)), name, rank,
+                                 world_size, device))
+    results["gnl_transports"] = dict(counter.by_transport)
+    for name in TORCH_PEER_CASES:
+        results["torch"][name] = _recorded(
+            lambda: _train_layer(nn.SyncBatchNorm(CHANNELS, affine=SYNC_CASES[name].get("affine", True)), name, rank,
+                                 world_size, device))
+    return results
+
+
+def _one_rank_worker(rank: int, world_size: int, backend: str, device: str) -> dict[str, Any]:
+    """A 1-rank group of ``backend`` (NCCL on the GPU): the plain path, the forced synchronized path with its
+    collectives issued on that group, and torch's SyncBatchNorm."""
+    if device == "cuda":
+        torch.cuda.set_device(0)
+    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=120))
+    try:
+        calls: list[tuple[int, torch.dtype]] = []
+
+        def all_reduce_on_group(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
+            # gnlightning skips collectives in a 1-rank group; this issues them anyway, on the real backend.
+            calls.append((tensor.numel(), tensor.dtype))
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+            return tensor
+
+        results: dict[str, Any] = {"backend": dist.get_backend(), "plain": {}, "sync_path": {}, "torch": {},
+                                   "sync_path_calls": {}}
+        for name in ONE_RANK_CASES:
+            affine = SYNC_CASES[name].get("affine", True)
+            results["plain"][name] = _recorded(
+                lambda: _train_layer(SyncBatchNorm(CHANNELS, affine=affine), name, 0, 1, device))
+            original = sync_batchnorm.all_reduce_sum
+            sync_batchnorm.all_reduce_sum = all_reduce_on_group
+            calls.clear()
+            try:
+                results["sync_path"][name] = _recorded(
+                    lambda: _train_layer(_SyncPathBatchNorm(CHANNELS, affine=affine), name, 0, 1, device))
+            finally:
+                sync_batchnorm.all_reduce_sum = original
+            results["sync_path_calls"][name] = list(calls)
+            if SYNC_CASES[name].get("dtype", torch.float32) == torch.float32:
+                results["torch"][name] = _recorded(
+                    lambda: _train_layer(nn.SyncBatchNorm(CHANNELS, affine=affine), name, 0, 1, device))
+        return results
+    finally:
+        dist.destroy_process_group()
+
+
+def _sync_reference(name: str) -> dict[str, Any]:
+    """nn.BatchNorm2d in float64 on the concatenated global batch, same steps and initial parameters."""
+    case = SYNC_CASES[name]
+    dtype = case.get("dtype", torch.float32)
+    reference = nn.BatchNorm2d(CHANNELS, affine=case.get("affine", True)).double()
+    if reference.affine:
+        weight, bias = _affine_init()
+        with torch.no_grad():
+            reference.weight.copy_(weight)
+            reference.bias.copy_(bias)
+    expected: dict[str, Any] = {"out": [], "grad_input": [], "grad_weight": [], "grad_bias": []}
+    for step in range(STEPS):
+        x, grad = _sync_data(name, step)
+        x = x.to(dtype).double().requires_grad_()  # the values the ranks actually see
+        reference.zero_grad(set_to_none=True)
+        out = reference(x)
+        (out * grad.to(dtype).double()).sum().backward()
+        expected["out"].append(out.detach())
+        expected["grad_input"].append(x.grad)
+        if reference.affine:
+            expected["grad_weight"].append(reference.weight.grad.clone())
+            expected["grad_bias"].append(reference.bias.grad.clone())
+    expected.update(running_mean=reference.running_mean, running_var=reference.running_var,
+                    num_batches_tracked=int(reference.num_batches_tracked))
+    return expected
+
+
+def _check_against_reference(name: str, ranks: list[dict[str, Any]], what: str) -> None:
+    case = SYNC_CASES[name]
+    sizes = list(case["sizes"]) if len(ranks) > 1 else [sum(case["sizes"])]
+    dtype = case.get("dtype", torch.float32)
+    low_precision = dtype != torch.float32
+    tolerance = case.get("tolerance", TOLERANCE)
+    # bf16 output: only the final rounding may differ (~3 significant digits).
+    out_tolerance, grad_tolerance = (2e-2, 3e-2) if low_precision else (tolerance, tolerance)
+    expected = _sync_reference(name)
+    for step in range(STEPS):
+        for rank, (out, grad, expected_out, expected_grad) in enumerate(zip(
+                [result["out"][step] for result in ranks], [result["grad_input"][step] for result in ranks],
+                expected["out"][step].split(sizes), expected["grad_input"][step].split(sizes))):
+            where = f"{what}, step {step}, rank {rank}"
+            assert out.dtype == dtype, f"{where}: output dtype {out.dtype}, input dtype {dtype}"
+            assert out.shape == expected_out.shape, f"{where}: output shape {tuple(out.shape)}"
+            assert_close(out.double(), expected_out, rtol=out_tolerance, atol=out_tolerance,
+                         msg=lambda message: f"{where}, output vs BatchNorm2d on the global batch: {message}")
+            assert_close(grad.double(), expected_grad, rtol=grad_tolerance, atol=grad_tolerance,
+                         msg=lambda message: f"{where}, input gradient vs BatchNorm2d on the global batch: {message}")
+        if case.get("affine", True):
+            # Local sums by design: summed over ranks (what DDP does, up to its 1/world averaging) they equal the
+            # single-process gradient on the concatenated batch.
+            for key in ("grad_weight", "grad_bias"):
+                total = sum(result[key][step].double() for result in ranks)
+                parameter_tolerance = 1e-4 if low_precision else tolerance
+                assert_close(total, expected[key][step], rtol=parameter_tolerance, atol=parameter_tolerance,
+                             msg=lambda message: f"{what}, step {step}, {key} summed over ranks: {message}")
+    for rank, result in enumerate(ranks):
+        for key in ("running_mean", "running_var"):
+            assert_close(result[key].double(), expected[key], rtol=TOLERANCE, atol=TOLERANCE,
+                         msg=lambda message: f"{what}, rank {rank}, {key}: {message}")
+        assert result["num_batches_tracked"] == expected["num_batches_tracked"] == STEPS, (
+            f"{what}, rank {rank}: num_batches_tracked {result['num_batches_tracked']}, expected {STEPS}")
+        if "layout" in result:
+            layout, reference_layout = result["layout"]
+            assert layout == reference_layout, (
+                f"{what}, rank {rank}: output channels_last={layout}, nn.BatchNorm2d on the same input gives "
+                f"channels_last={reference_layout}")
+
+
+def _check_equal_ranks(ours: list[dict[str, Any]], theirs: list[dict[str, Any]], what: str) -> None:
+    """Rank by rank, step by step: the same outputs, gradients (local weight/bias sums in both) and statistics."""
+    for rank, (mine, peer) in enumerate(zip(ours, theirs)):
+        for key in ("out", "grad_input", "grad_weight", "grad_bias"):
+            for step, (value, peer_value) in enumerate(zip(mine[key], peer[key])):
+                assert_close(value, peer_value, rtol=TOLERANCE, atol=TOLERANCE,
+                             msg=lambda message: f"{what}, rank {rank}, step {step}, {key}: {message}")
+        for key in ("running_mean", "running_var"):
+            assert_close(mine[key], peer[key], rtol=TOLERANCE, atol=TOLERANCE,
+                         msg=lambda message: f"{what}, rank {rank}, {key}: {message}")
+        assert mine["num_batches_tracked"] == peer["num_batches_tracked"], f"{what}, rank {rank}: num_batches_tracked"
+        assert mine.get("layout", (None,))[0] == peer.get("layout", (None,))[0], f"{what}, rank {rank}: output layout"
+
+
+@pytest.fixture(scope="module")
+def two_ranks_one_gpu() -> list[dict[str, Any]]:
+    return run_distributed(_gloo_worker, 2, DEVICE, timeout=150)
+
+
+@pytest.fixture(scope="module")
+def one_rank_nccl() -> dict[str, Any]:
+    if not dist.is_nccl_available():
+        pytest.skip("this torch build has no NCCL")
+    return run_distributed(_one_rank_worker, 1, "nccl", DEVICE, init_process_group=False, timeout=150)[0]
+
+
+@pytest.mark.distributed
+def test_two_ranks_on_one_gpu_use_gloo_through_torch_distributed(two_ranks_one_gpu: list[dict[str, Any]]) -> None:
+    for rank, results in enumerate(two_ranks_one_gpu):
+        assert results["backend"] == "gloo"
+        # CUDA tensors never take the host-local CPU channel: every collective went through torch.distributed.
+        assert results["gnl_transports"]["host"] == 0, f"rank {rank}: {results['gnl_transports']}"
+        assert results["gnl_transports"]["torch"] > 0, f"rank {rank}: no collective ran ({results['gnl_transports']})"
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", list(SYNC_CASES))
+def test_syncbn_two_ranks_on_one_gpu_matches_batchnorm_on_global_batch(
+    name: str, two_ranks_one_gpu: list[dict[str, Any]]
+) -> None:
+    ranks = [results["gnl"][name] for results in two_ranks_one_gpu]
+    _raise_worker_errors(ranks, f"gnlightning SyncBatchNorm, 2 ranks on one GPU (gloo), case {name}")
+    _check_against_reference(name, ranks, f"gnlightning SyncBatchNorm, 2 ranks (gloo, CUDA), case {name}")
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", TORCH_PEER_CASES)
+def test_syncbn_two_ranks_on_one_gpu_equals_torch_syncbatchnorm(
+    name: str, two_ranks_one_gpu: list[dict[str, Any]]
+) -> None:
+    ours = [results["gnl"][name] for results in two_ranks_one_gpu]
+    theirs = [results["torch"][name] for results in two_ranks_one_gpu]
+    _raise_worker_errors(ours, f"gnlightning SyncBatchNorm, case {name}")
+    _raise_worker_errors(theirs, f"torch.nn.SyncBatchNorm (the peer, not the code under test), case {name}")
+    # The peer first checked against the same reference: a disagreement then is ours to explain.
+    _check_against_reference(name, theirs, f"torch.nn.SyncBatchNorm, 2 ranks (gloo, CUDA), case {name}")
+    _check_equal_ranks(ours, theirs, f"gnlightning vs torch.nn.SyncBatchNorm, case {name}")
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("variant", ["plain", "sync_path"])
+@pytest.mark.parametrize("name", ONE_RANK_CASES)
+def test_syncbn_one_rank_nccl_matches_batchnorm(name: str, variant: str, one_rank_nccl: dict[str, Any]) -> None:
+    assert one_rank_nccl["backend"] == "nccl"
+    result = one_rank_nccl[variant][name]
+    what = f"gnlightning SyncBatchNorm, 1-rank NCCL group, {variant} path, case {name}"
+    _raise_worker_errors([result], what)
+    _check_against_reference(name, [result], what)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", ONE_RANK_CASES)
+def test_syncbn_sync_path_issues_both_collectives_on_nccl(name: str, one_rank_nccl: dict[str, Any]) -> None:
+    calls = one_rank_nccl["sync_path_calls"][name]
+    # Per step: the forward moments [sum x, sum x^2, count] in float64, the backward sums [sum dy, sum dy x_hat].
+    expected = [(2 * CHANNELS + 1, torch.float64), (2 * CHANNELS, torch.float32)] * STEPS
+    assert calls == expected, f"case {name}: collectives (numel, dtype) {calls}, expected {expected}"
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", [name for name in ONE_RANK_CASES if name in TORCH_PEER_CASES])
+def test_syncbn_one_rank_nccl_equals_torch_syncbatchnorm(name: str, one_rank_nccl: dict[str, Any]) -> None:
+    _raise_worker_errors([one_rank_nccl["torch"][name]], f"torch.nn.SyncBatchNorm (the peer), case {name}")
+    for variant in ("plain", "sync_path"):
+        _raise_worker_errors([one_rank_nccl[variant][name]], f"gnlightning SyncBatchNorm, {variant}, case {name}")
+        _check_equal_ranks([one_rank_nccl[variant][name]], [one_rank_nccl["torch"][name]],
+                           f"gnlightning ({variant} path) vs torch.nn.SyncBatchNorm, 1-rank NCCL, case {name}")
+
+
+# --------------------------------------------------------------------------------------------------- gnl-train
+
+TRAIN_OVERRIDES = [
+    "trainer=gpu", "data.num_train=8", "data.num_val=4", "data.num_test=4", "data.image_size=64",
+    "data.batch_size=2", "trainer.max_epochs=1", "trainer.max_steps=4", "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
+    "hydra.run.dir=run",
+]
+
+
+def test_gnl_train_trainer_gpu_runs_a_few_steps(tmp_path: Path) -> None:
+    # This checkout first on the path, whatever is installed; one thread per process as in the other CLI tests.
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, "-m", "gnlightning.train", *TRAIN_OVERRIDES]
+    result = subprocess.run(command, cwd=tmp_path, env=env, timeout=240, capture_output=True, text=True, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, (
+        f"gnl-train {' '.join(TRAIN_OVERRIDES)} exited with {result.returncode}; last output:\n{output[-5000:]}")
+    for line in output.splitlines():  # Lightning's device summary, where it prints one
+        if line.startswith("GPU available:"):
+            assert "used: True" in line, line
+
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    # 4 optimizer steps, unless the fp16 GradScaler skipped some (Lightning may not count those)
+    assert 1 <= results["settings"]["global_step"] <= 4, results["settings"]
+    assert results["metrics"], f"no metrics in results.json: {results}"
+    for key, value in results["metrics"].items():
+        assert math.isfinite(value), f"results.json: {key} = {value}"
+    assert 0.0 <= results["metrics"]["test/mIoU"] <= 1.0, results["metrics"]
+
+    metrics_files = sorted((tmp_path / "run").rglob("metrics.csv"))
+    assert metrics_files, f"no metrics.csv under {tmp_path / 'run'}"
+    with metrics_files[0].open() as handle:
+        losses = [float(row["train/loss"]) for row in csv.DictReader(handle) if row.get("train/loss")]
+    assert len(losses) >= 1, f"no train/loss logged in {metrics_files[0]}"
+    assert all(math.isfinite(loss) for loss in losses), f"train/loss: {losses}"
