@@ -822,7 +822,7 @@ def bench_memory(args: argparse.Namespace) -> Section:
 GPU_VARIANTS = ("bn", "gn", "gn_ws", "syncbn", "syncbn_sync", "torch_syncbn", "torch_syncbn_sync")
 GPU_PRECISIONS = ("fp32", "bf16", "fp16")
 GPU_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
-GPU_ROUNDS = 10
+GPU_ROUNDS = 8
 GPU_DESCRIPTIONS = {
     "bn": "torchvision's BatchNorm2d",
     "gn": "`convert_norms(model, 'gn')`",
@@ -1188,8 +1188,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="input height and width of the gpu section (default 512; 64 with --quick)")
     parser.add_argument("--gpu-precisions", nargs="+", choices=GPU_PRECISIONS, default=list(GPU_PRECISIONS),
                         metavar="PRECISION", help=f"gpu section precisions (default: {' '.join(GPU_PRECISIONS)})")
-    parser.add_argument("--gpu-steps", type=int, default=3, metavar="STEPS",
-                        help="training steps per timed round in the gpu section (default 3; 1 with --quick)")
+    parser.add_argument("--gpu-steps", type=int, default=2, metavar="STEPS",
+                        help="training steps per timed round in the gpu section (default 2; 1 with --quick)")
     parser.add_argument("--out", type=Path, default=Path("docs/bench"), help="writes bench.md and bench.json here")
     args = parser.parse_args(argv)
     args.syncbn_widths = args.syncbn_widths or ([8] if args.quick else [32, *bench_syncbn.TARGET_WIDTHS])
