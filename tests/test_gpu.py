@@ -477,7 +477,15 @@ def _train_layer(layer: nn.Module, name: str, rank: int, world_size: int, device
 
 
 def _gloo_worker(rank: int, world_size: int, device: str) -> dict[str, Any]:
-    """Every 2-rank case, with gnlightning's layer and then with torch's, on the GPU both processes share."""
+    """Every 2-rank case, with gnlightning's layer and then with torch's, on the GPU both processes share.
+
+    Why gloo, for torch.nn.SyncBatchNorm too: NCCL refuses two ranks on one device, and in a 1-rank group torch's
+    module skips synchronization altogether (``need_sync = world_size > 1``), so only 2 ranks run its collective
+    path. gloo carries CUDA tensors for what that path needs: torch's forward picks ``dist.all_gather`` of a list
+    when the backend is gloo ("The Gloo backend does not support all_gather_into_tensor"; gloo has
+    AsyncAllgatherCUDAWork) and its backward an ``all_reduce`` (gloo's AsyncAllreduceCUDAHostWork stages through
+    pinned host memory), which is also the one collective gnlightning's layer uses.
+    """
     if device == "cuda":
         torch.cuda.set_device(0)
     counter = CollectiveCounter()
