@@ -1029,7 +1029,8 @@ def bench_gpu(args: argparse.Namespace) -> Section:
                     continue
                 steps[variant] = step
             _log(f"gpu: {precision}, {len(steps)} variants, {rounds} rounds x {steps_per_round} steps")
-            medians[precision] = time_interleaved(steps, rounds, steps_per_round=steps_per_round, warmup=2)
+            medians[precision] = time_interleaved(steps, rounds, steps_per_round=steps_per_round, warmup=2) \
+                if steps else {}
         del models
         gc.collect()
         torch.cuda.empty_cache()
