@@ -233,7 +233,16 @@ RESNET50_CONVS = (
     ConvShape(1024, 256, 1, 1, 14, 14),
     ConvShape(512, 512, 3, 1, 7, 7),
 )
-CONV, WS, TIMM = "Conv2d", "WSConv2d", "timm StdConv2d"
+CONV, WS, TIMM, KEEP = "Conv2d", "WSConv2d", "timm StdConv2d", "WS keeping w_hat"
+
+
+class _KeepStandardized(WSConv2d):
+    """Diagnostic only: Weight Standardization by plain autograd, which keeps the standardized weight alive until
+    backward as timm's StdConv2d does. Beside WSConv2d (which recomputes it in backward instead) it shows what
+    that recompute costs on the worst-case shapes, and what it saves."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(x, standardize_weight(self.weight, self.eps), self.bias)
 
 
 def ws_conv_shapes(model: nn.Module, run: Callable[[nn.Module], object]) -> dict[ConvShape, int]:
@@ -315,9 +324,10 @@ def _std_conv_class() -> type[nn.Conv2d] | None:
     return StdConv2d
 
 
-def ws_convs(shape: ConvShape) -> dict[str, nn.Conv2d]:
+def ws_convs(shape: ConvShape, keep: bool = False) -> dict[str, nn.Conv2d]:
     """The variants for one shape, all computing the same function: WSConv2d and StdConv2d standardize the same
-    weight with the same eps; the plain Conv2d holds that weight already standardized."""
+    weight with the same eps; the plain Conv2d holds that weight already standardized. ``keep`` adds
+    ``_KeepStandardized``."""
     torch.manual_seed(0)
     ws = WSConv2d(shape.in_channels, shape.out_channels, eps=WS_EPS, **shape.geometry)
     conv = nn.Conv2d(shape.in_channels, shape.out_channels, **shape.geometry)
@@ -328,6 +338,9 @@ def ws_convs(shape: ConvShape) -> dict[str, nn.Conv2d]:
     if std_conv is not None:
         convs[TIMM] = std_conv(shape.in_channels, shape.out_channels, eps=WS_EPS, **shape.geometry)
         convs[TIMM].load_state_dict(ws.state_dict())
+    if keep:
+        convs[KEEP] = _KeepStandardized(shape.in_channels, shape.out_channels, eps=WS_EPS, **shape.geometry)
+        convs[KEEP].load_state_dict(ws.state_dict())
     return convs
 
 
@@ -374,8 +387,8 @@ def _saved_bytes(conv: nn.Conv2d, x: Tensor) -> int:
     return sum(saved.values())
 
 
-def _time_shape(shape: ConvShape, rounds: int, steps_per_round: int) -> dict[str, dict[str, float]]:
-    convs = ws_convs(shape)
+def _time_shape(shape: ConvShape, rounds: int, steps_per_round: int, keep: bool) -> dict[str, dict[str, float]]:
+    convs = ws_convs(shape, keep)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(shape.batch, shape.in_channels, shape.height, shape.width, generator=generator)
     x.requires_grad_(shape.in_channels != 3)  # every layer but the stem passes a gradient back to its input
@@ -400,7 +413,7 @@ def _time_workload(workload: Workload, rounds: int, steps_per_round: int) -> dic
     per_shape = {}
     for shape, count in workload.shapes.items():
         _log(f"ws: {workload.name}: {shape} (x{count})")
-        per_shape[shape] = _time_shape(shape, rounds, steps_per_round)
+        per_shape[shape] = _time_shape(shape, rounds, steps_per_round, keep=workload.worst_case)
     first = next(iter(per_shape.values()))
     total = {key: {name: sum(medians[key][name] * workload.shapes[shape] for shape, medians in per_shape.items())
                    for name in first[key]} for key in first}
@@ -417,7 +430,10 @@ def bench_ws(args: argparse.Namespace) -> Section:
          "time is the sum over its shapes of time x layers of that shape. \"Saved\" is what a training forward "
          "keeps for backward beyond its input and the parameters. WS / Conv2d has targets on the mission's "
          "workloads; on the 224 px worst case it is information (weight-sized standardization passes next to "
-         "small convolutions), WS / timm has its target everywhere."),
+         "small convolutions), WS / timm has its target everywhere. On the worst case a fourth, diagnostic "
+         "variant standardizes by plain autograd and so keeps the standardized weight until backward, as timm does: "
+         "the difference to WSConv2d is the price of recomputing it in backward, and its saved bytes what that "
+         "recompute saves."),
     ]
     for workload in ws_workloads(args.quick):
         rounds, steps_per_round = _rounds(args, "ws"), 1
@@ -432,6 +448,9 @@ def bench_ws(args: argparse.Namespace) -> Section:
             if TIMM in variants:
                 section.add(f"{workload.name}: {labels[mode]}, WSConv2d / timm StdConv2d",
                             total[mode][WS] / total[mode][TIMM], Target("<=", 1.0))
+        if KEEP in variants:
+            section.add(f"{workload.name}: {labels['train']}, WSConv2d / WS keeping w_hat (diagnostic)",
+                        total["train"][WS] / total["train"][KEEP])
         if TIMM in variants:
             saved = total["saved_bytes"]
             section.add(f"{workload.name}: saved for backward, WSConv2d / timm StdConv2d",
