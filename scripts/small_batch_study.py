@@ -73,8 +73,8 @@ PROTOCOLS = {
                              "val/mIoU", "docs/small_batch_study", "Small-batch study"),
     "detection": Protocol(("frozen_bn", "bn", "syncbn", "gn", "gn_ws"), (1, 2, 4, 8), "val/mAP_50",
                           "docs/detection_study", "Detection small-batch study",
-                          # 3 epochs of 512: 40 runs (8 of them on 2 processes) in ~85 min on 2 cores, by the
-                          # recipe's measured 0.12 s per image and thread
+                          # 3 epochs of 512: 40 runs (8 of them on 2 processes), 74 min on 2 cores
+                          # (docs/detection_study/study.md), inside the 90 minutes the study may take
                           recipe=("experiment=shapes_det_gn_ws",), num_train=512, images=1536),
 }
 # --quick: every variant at 1 and 2 images per device on a handful of small images, to test the pipeline.
