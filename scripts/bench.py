@@ -73,7 +73,7 @@ SECTIONS = ("ws", "syncbn", "norms", "convert", "memory", "gpu")
 # gpu needs CUDA: part of the default run only where CUDA is (elsewhere it would only say it skipped).
 DEFAULT_SECTIONS = SECTIONS if torch.cuda.is_available() else tuple(name for name in SECTIONS if name != "gpu")
 # Interleaved rounds per timed section: many for cheap conv layers, few for whole-model training steps.
-DEFAULT_ROUNDS = {"ws": 3, "syncbn": 32, "norms": 5}
+DEFAULT_ROUNDS = {"ws": 6, "syncbn": 32, "norms": 5}
 # The 224 px worst case is cheap: many rounds of several calls, for a stable ratio of small times.
 WORST_CASE_ROUNDS, WORST_CASE_CALLS = 15, 3
 QUICK_ROUNDS = 2
@@ -128,6 +128,22 @@ class Section:
     def add(self, case: str, ratio: float, target: Target | None = None) -> None:
         self.ratios.append(Ratio(self.name, case, ratio, target))
 
+    def add_interval(self, case: str, ratio: tuple[float, float, float], target: float | None,
+                     rounds: int) -> None:
+        """A ``(median, low, high)`` ratio of per-round ratios, its interval in the case. Judged against an
+        upper-bound ``target`` only where the interval does not contain it; otherwise the row is information and
+        says it is undecided (the result column has no state for that)."""
+        median, low, high = ratio
+        # median_with_ci gives the full range below 6 values, a 95% interval only from 6 on.
+        label = "95% CI" if rounds >= 6 else f"range of {rounds} rounds"
+        case = f"{case} ({label} {low:.3f}-{high:.3f})"
+        if target is None:
+            self.add(case, median)
+        elif bench_syncbn.interval_verdict(ratio, target) == "undecided":
+            self.add(f"{case}: undecided, the interval contains {target:g} (target <= {target:g}x)", median)
+        else:
+            self.add(case, median, Target("<=", target))
+
 
 def markdown_table(header: list[str], rows: list[list[str]], align: str) -> list[str]:
     """``align``: one character per column, ``l`` or ``r``."""
@@ -145,7 +161,15 @@ def _log(message: str) -> None:
 def time_interleaved(
     steps: dict[str, Callable[[], object]], rounds: int, steps_per_round: int = 1, warmup: int = 1
 ) -> dict[str, float]:
-    """Median over ``rounds`` of the mean ms per call of each variant.
+    """Median over ``rounds`` of the mean ms per call of each variant (see :func:`time_rounds`)."""
+    times = time_rounds(steps, rounds, steps_per_round, warmup)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def time_rounds(
+    steps: dict[str, Callable[[], object]], rounds: int, steps_per_round: int = 1, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Per variant, the mean ms per call in each of ``rounds`` rounds.
 
     Every round runs every variant; the order rotates from round to round, so no variant always runs first or
     always follows the same one."""
@@ -161,7 +185,7 @@ def time_interleaved(
             for _ in range(steps_per_round):
                 steps[name]()
             times[name].append((time.perf_counter() - start) / steps_per_round * 1e3)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
 
 
 def timed(function: Callable[[], T]) -> tuple[T, float]:
@@ -394,7 +418,7 @@ def _time_shape(shape: ConvShape, rounds: int, steps_per_round: int, keep: bool)
     x.requires_grad_(shape.in_channels != 3)  # every layer but the stem passes a gradient back to its input
     with torch.no_grad():
         grad_output = torch.randn(convs[CONV](x).shape, generator=generator)
-    medians = {}
+    medians: dict[str, dict] = {"rounds": {}}
     for mode in ("train", "eval"):
         for conv in convs.values():
             conv.train(mode == "train")
@@ -404,20 +428,26 @@ def _time_shape(shape: ConvShape, rounds: int, steps_per_round: int, keep: bool)
             steps = {name: _conv_train_step(conv, x, grad_output) for name, conv in convs.items()}
         else:
             steps = {name: _conv_eval_step(conv, x) for name, conv in convs.items()}
-        medians[mode] = time_interleaved(steps, rounds, steps_per_round, warmup=2)
+        medians["rounds"][mode] = time_rounds(steps, rounds, steps_per_round, warmup=2)
+        medians[mode] = {name: statistics.median(times) for name, times in medians["rounds"][mode].items()}
     return medians
 
 
 def _time_workload(workload: Workload, rounds: int, steps_per_round: int) -> dict:
-    """Per distinct shape its medians, and the workload's total: each shape's time times its layer count."""
+    """Per distinct shape its medians; the workload's total, each shape's median times its layer count; and the
+    workload's time in each round (round ``i`` of every shape summed alike), for ratios with an interval."""
     per_shape = {}
     for shape, count in workload.shapes.items():
         _log(f"ws: {workload.name}: {shape} (x{count})")
         per_shape[shape] = _time_shape(shape, rounds, steps_per_round, keep=workload.worst_case)
     first = next(iter(per_shape.values()))
+    keys = [key for key in first if key != "rounds"]
     total = {key: {name: sum(medians[key][name] * workload.shapes[shape] for shape, medians in per_shape.items())
-                   for name in first[key]} for key in first}
-    return {"per_shape": per_shape, "total": total}
+                   for name in first[key]} for key in keys}
+    per_round = {mode: {name: [sum(medians["rounds"][mode][name][index] * workload.shapes[shape]
+                                   for shape, medians in per_shape.items()) for index in range(rounds)]
+                        for name in first["rounds"][mode]} for mode in first["rounds"]}
+    return {"per_shape": per_shape, "total": total, "rounds": per_round}
 
 
 def bench_ws(args: argparse.Namespace) -> Section:
@@ -440,17 +470,21 @@ def bench_ws(args: argparse.Namespace) -> Section:
         if workload.worst_case and not args.quick:
             rounds, steps_per_round = args.rounds or WORST_CASE_ROUNDS, WORST_CASE_CALLS
         measured = _time_workload(workload, rounds, steps_per_round)
-        total = measured["total"]
+        total, per_round = measured["total"], measured["rounds"]
         variants = list(total["train"])
+
+        def ratio(mode: str, reference: str) -> tuple[float, float, float]:
+            return bench_syncbn.ratio_ci(per_round[mode][WS], per_round[mode][reference])
+
         for mode, target in (("train", 1.05), ("eval", 1.01)):
-            section.add(f"{workload.name}: {labels[mode]}, WSConv2d / Conv2d", total[mode][WS] / total[mode][CONV],
-                        None if workload.worst_case else Target("<=", target))
+            section.add_interval(f"{workload.name}: {labels[mode]}, WSConv2d / Conv2d", ratio(mode, CONV),
+                                 None if workload.worst_case else target, rounds)
             if TIMM in variants:
-                section.add(f"{workload.name}: {labels[mode]}, WSConv2d / timm StdConv2d",
-                            total[mode][WS] / total[mode][TIMM], Target("<=", 1.0))
+                section.add_interval(f"{workload.name}: {labels[mode]}, WSConv2d / timm StdConv2d",
+                                     ratio(mode, TIMM), 1.0, rounds)
         if KEEP in variants:
-            section.add(f"{workload.name}: {labels['train']}, WSConv2d / WS keeping w_hat (diagnostic)",
-                        total["train"][WS] / total["train"][KEEP])
+            section.add_interval(f"{workload.name}: {labels['train']}, WSConv2d / WS keeping w_hat (diagnostic)",
+                                 ratio("train", KEEP), None, rounds)
         if TIMM in variants:
             saved = total["saved_bytes"]
             section.add(f"{workload.name}: saved for backward, WSConv2d / timm StdConv2d",
@@ -460,6 +494,7 @@ def bench_ws(args: argparse.Namespace) -> Section:
             "rounds": rounds,
             "steps_per_round": steps_per_round,
             "total": total,
+            "rounds_ms": per_round,
             "shapes": [{"shape": str(shape), "layers": workload.shapes[shape], **medians}
                        for shape, medians in measured["per_shape"].items()],
         }
@@ -532,15 +567,8 @@ def bench_syncbn_section(args: argparse.Namespace) -> Section:
             section.add(f"width {width}: {synced[name]} / BN training step (95% CI {low:.3f}-{high:.3f}){suffix}",
                         median, Target("<=", bench_syncbn.TARGET_RATIO) if targeted else None)
         peer = result[bench_syncbn.PEER_RATIO_KEY]
-        case = f"width {width}: SyncBN gloo / naive gloo training step (95% CI {peer[1]:.3f}-{peer[2]:.3f})"
-        if not targeted:
-            section.add(case + suffix, peer[0])
-        elif bench_syncbn.interval_verdict(peer, peer_target) == "undecided":
-            # The result column has no state for it: the row is information, and says why.
-            section.add(f"{case}: undecided, the interval contains {peer_target:g} (target <= {peer_target:g}x)",
-                        peer[0])
-        else:
-            section.add(case, peer[0], Target("<=", peer_target))
+        section.add_interval(f"width {width}: SyncBN gloo / naive gloo training step{suffix}", peer,
+                             peer_target if targeted else None, rounds)
         rows.append([str(width), *(f"{result[ms_keys[name]]:.2f}" for name in (bench_syncbn.BASELINE, *synced)),
                      *(bench_syncbn.format_ratio(result[ratio_keys[name]]) for name in synced),
                      bench_syncbn.format_ratio(peer) + ("" if targeted else " (info)")])

@@ -185,3 +185,16 @@ def test_syncbn_section_targets_and_undecided_peer_ratio(bench, monkeypatch) -> 
     rows = section.details[header + 2 : header + 6]  # one row per width, after the rule
     assert [row.split("|")[1].strip() for row in rows] == ["32", "64", "128", "256"]
     assert all(row.count("|") == section.details[header].count("|") for row in rows)
+
+
+def test_interval_rows_are_judged_only_when_the_interval_is_on_one_side(bench) -> None:
+    section = bench.Section("ws")
+    section.add_interval("below", (0.98, 0.95, 0.99), 1.0, rounds=6)
+    section.add_interval("above", (1.05, 1.02, 1.08), 1.0, rounds=6)
+    section.add_interval("straddles", (1.00, 0.97, 1.03), 1.0, rounds=3)
+    section.add_interval("info", (1.20, 1.10, 1.30), None, rounds=6)
+    below, above, straddles, info = section.ratios
+    assert (below.passed, above.passed) == (True, False)
+    assert below.case == "below (95% CI 0.950-0.990)"
+    assert straddles.target is None and straddles.case.startswith("straddles (range of 3 rounds 0.970-1.030): undecided")
+    assert info.target is None and info.ratio == 1.20
