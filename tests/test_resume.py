@@ -2,20 +2,14 @@
 same batches, learning rates and losses as a run that never stopped (CPU, deterministic)."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import lightning.pytorch as L
 import pytest
 import torch
 
 from gnlightning.train import build
-from tests.helpers import Crash, CrashAtStep, RecordSteps
-from tests.test_train import composed
-
-ROOT = Path(__file__).parents[1]
+from tests.callbacks import Crash, CrashAtStep, RecordSteps
+from tests.helpers import compose_train
 # 20 images in batches of 4: 5 steps per epoch, 3 epochs.
 SMALL = ["data.num_train=20", "data.num_val=4", "data.num_test=4", "data.image_size=32", "data.batch_size=4",
          "trainer.max_epochs=3", "model.options.decoder_channels=16"]
@@ -24,7 +18,7 @@ STEPS = 15
 
 def fit_in_process(tmp_path, crash_at=None, ckpt_path=None) -> dict[int, dict]:
     tmp_path.mkdir(parents=True, exist_ok=True)
-    cfg = composed(["norm=gn_ws", *SMALL], tmp_path)
+    cfg = compose_train(["norm=gn_ws", *SMALL], tmp_path)
     L.seed_everything(cfg.seed, workers=True)
     data, task, plugins = build(cfg)
     record = RecordSteps(str(tmp_path / "steps.json"))
@@ -63,29 +57,23 @@ def test_gn_ws_resumes_from_any_step_with_the_same_losses(uninterrupted, crash_a
                                    msg=f"step {step}: loss differs from the uninterrupted run")
 
 
-def gnl_train(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "gnlightning.train", f"hydra.run.dir={run_dir}", *overrides]
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-
-
-def test_syncbn_ddp_run_resumes_after_a_crash_with_the_same_losses(tmp_path):
+def test_syncbn_ddp_run_resumes_after_a_crash_with_the_same_losses(gnl_train, tmp_path):
     """gnl-train itself, 2 processes with SyncBatchNorm and PreciseBN; the run crashes mid-epoch on every rank."""
     common = ["norm=syncbn", "trainer=ddp_cpu", "callbacks=precise_bn", "callbacks.precise_bn.num_batches=2",
               "callbacks.last_checkpoint.every_n_train_steps=1", "run_test=false", "trainer.enable_progress_bar=false",
               *SMALL, "data.num_train=24",  # 12 images per rank: 3 steps per epoch, 9 in all
-              "+callbacks.record._target_=tests.helpers.RecordSteps"]
+              "+callbacks.record._target_=tests.callbacks.RecordSteps"]
 
     def record(name):
         return f"+callbacks.record.path='{tmp_path / name}_{{rank}}.json'"
 
-    full = gnl_train(tmp_path / "full", *common, record("full"))
+    full = gnl_train(f"hydra.run.dir={tmp_path / 'full'}", *common, record("full"))
     assert full.returncode == 0, full.stderr[-3000:]
-    crashed = gnl_train(tmp_path / "crashed", *common, record("crashed"),
-                        "+callbacks.crash._target_=tests.helpers.CrashAtStep", "+callbacks.crash.step=4")
+    crashed = gnl_train(f"hydra.run.dir={tmp_path / 'crashed'}", *common, record("crashed"),
+                        "+callbacks.crash._target_=tests.callbacks.CrashAtStep", "+callbacks.crash.step=4")
     assert crashed.returncode != 0 and "simulated crash after step 4" in crashed.stderr, crashed.stderr[-3000:]
     last = tmp_path / "crashed" / "checkpoints" / "last.ckpt"
-    resumed = gnl_train(tmp_path / "resumed", *common, record("resumed"), f"ckpt_path='{last}'")
+    resumed = gnl_train(f"hydra.run.dir={tmp_path / 'resumed'}", *common, record("resumed"), f"ckpt_path='{last}'")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     for rank in (0, 1):
