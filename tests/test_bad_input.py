@@ -10,7 +10,6 @@ directory. Two ``gnl-train`` subprocesses check the same for real runs, where Hy
 from __future__ import annotations
 
 import copy
-import os
 import re
 import subprocess
 import sys
@@ -18,15 +17,12 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 from torch import nn
 
-import gnlightning.train  # noqa: F401  (registers the config schema and resolvers with Hydra)
 from gnlightning import NormSwap, SyncBatchNorm, convert_norms
 from gnlightning.distributed import new_consecutive_groups
 from gnlightning.train import build, remove_failed_run_dir
+from tests.helpers import bn_mlp, compose_train, error_text, subprocess_env
 
 SMALL = ["data.image_size=32", "data.batch_size=2"]  # keys every data config has
 
@@ -34,10 +30,6 @@ SMALL = ["data.image_size=32", "data.batch_size=2"]  # keys every data config ha
 # ------------------------------------------------------------------------------------------------- the mistakes
 def conv_net() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 64, 3), nn.BatchNorm2d(64), nn.ReLU(), nn.Conv2d(64, 64, 3), nn.BatchNorm2d(64))
-
-
-def mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(4, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 2))
 
 
 def gn_net() -> nn.Module:
@@ -63,23 +55,13 @@ def converting(make_model, norm, **options):
     return mistake
 
 
-def composed(overrides, output_dir):
-    with initialize_config_module("gnlightning.train_conf", version_base="1.3"):
-        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
-    cfg.hydra.runtime.output_dir = str(output_dir)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
-
-
 def gnl(*overrides, env=None):
     """What ``gnl-train <overrides>`` does up to the start of training: compose, then build (in process)."""
     def mistake(tmp_path, monkeypatch):
         for key, value in (env or {}).items():
             monkeypatch.setenv(key, value)
         overrides_ = [o.replace("<tmp>", str(tmp_path)) for o in overrides]
-        build(composed([*SMALL, *overrides_], tmp_path / "run"))
+        build(compose_train([*SMALL, *overrides_], tmp_path / "run"))
     return mistake
 
 
@@ -182,10 +164,10 @@ MISTAKES = [
     pytest.param(converting(conv_net, "gn", group_size=0), ValueError,
                  ["group_size", "got 0", "group_size=16"],
                  id="group-size-zero"),
-    pytest.param(converting(mlp, "gn", ws=True), ValueError,
+    pytest.param(converting(bn_mlp, "gn", ws=True), ValueError,
                  ["ws=True", "Sequential has no Conv2d", "pass ws=False"],
                  id="ws-requested-without-conv"),
-    pytest.param(converting(mlp, "gn_ws"), UserWarning,
+    pytest.param(converting(bn_mlp, "gn_ws"), UserWarning,
                  ["'gn_ws', ws='auto'", "no Conv2d", "norm='gn'"],
                  id="gn-ws-on-a-model-without-conv"),
     pytest.param(converting(conv_net, "gn", include="backbone.*"), UserWarning,
@@ -300,16 +282,6 @@ MISTAKES = [
 ]
 
 
-def message_of(error: BaseException) -> str:
-    """The exception and its causes, as Hydra and Python print them."""
-    parts, seen = [], set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        parts.append(f"{type(error).__name__}: {error}")
-        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
-    return "\n".join(parts)
-
-
 @pytest.mark.parametrize("mistake, expected, fragments", MISTAKES)
 def test_mistake_names_value_and_fix(mistake, expected, fragments, tmp_path, monkeypatch):
     work = tmp_path / "work"
@@ -321,7 +293,7 @@ def test_mistake_names_value_and_fix(mistake, expected, fragments, tmp_path, mon
     else:
         with pytest.raises(expected) as info:
             mistake(work, monkeypatch)
-        message = message_of(info.value)
+        message = error_text(info.value)
     for fragment in fragments:
         assert re.search(fragment, message, re.S), f"{fragment!r} not in:\n{message}"
     assert not (work / "run").exists()  # a refused config leaves no run directory
@@ -372,7 +344,7 @@ def test_gnl_train_failures_leave_no_run_directory(tmp_path):
         "empty-root": (["data=folder", f"data.root={tmp_path / 'empty'}", "data.num_classes=4", "data.num_workers=0"],
                        ["split directory not found", "data=shapes"]),
     }
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
+    env = subprocess_env(HYDRA_FULL_ERROR="0")
     processes = {
         name: subprocess.Popen([sys.executable, "-m", "gnlightning.train", *SMALL, *overrides,
                                 f"hydra.run.dir={tmp_path / name}"], cwd=tmp_path, env=env, text=True,

@@ -13,6 +13,7 @@ from gnlightning.models import build_model
 from gnlightning.models.parts import norm_parts
 from gnlightning.tasks import DetectionTask
 from gnlightning.tasks.detection import detection_metrics
+from tests.helpers import TINY, script_module
 
 SIZE = 64
 # What each norm puts in every part of a detector: (norm layer type, GroupNorm groups of a 64-channel layer, WS)
@@ -188,43 +189,33 @@ def test_detection_task_infers_masks_from_the_model():
     assert DetectionTask(build_model("timm_detection", 3), num_classes=3).iou_types == ("bbox",)
 
 
-def test_gnl_inspect_shows_the_norms_of_backbone_fpn_and_heads(tmp_path):
+def test_gnl_inspect_shows_the_norms_of_backbone_fpn_and_heads(train_config):
     from gnlightning.inspect_norms import report
-    from tests.test_train import composed
 
-    text = report(composed(["norm=frozen_bn", "model=timm_detection"], tmp_path))
+    text = report(train_config(["norm=frozen_bn", "model=timm_detection"]))
     assert "backbone  15 FrozenBatchNorm2d" in text and "heads     4 FrozenBatchNorm2d" in text
-    text = report(composed(["norm=gn_ws", "model=fcos_resnet50_fpn"], tmp_path))
+    text = report(train_config(["norm=gn_ws", "model=fcos_resnet50_fpn"]))
     assert "heads     8 WSConv2d, 8 GroupNorm" in text and "fpn       none" in text
 
 
 @pytest.mark.slow
-def test_detection_recipe_end_to_end_prints_per_class_ap(tmp_path):
-    from tests.test_train import TINY, run_cli
-
-    result = run_cli(["experiment=shapes_det_gn_ws", *TINY, "data.image_size=64", "hydra.run.dir=run"], tmp_path)
+def test_detection_recipe_end_to_end_prints_per_class_ap(gnl_train):
+    result = gnl_train("experiment=shapes_det_gn_ws", *TINY, "data.image_size=64", "hydra.run.dir=run")
     assert result.returncode == 0, result.stderr[-3000:]
     for key in ("test/mAP ", "test/mAP_50", "test/mAP_75", "test/AP/", "test/AP_50/"):
         assert key in result.stdout, key
 
 
-def test_detection_study_runs_the_recipe_with_scaled_learning_rates(tmp_path, monkeypatch):
+def test_detection_study_runs_the_recipe_with_scaled_learning_rates(tmp_path):
     import argparse
-    import importlib.util
-    import sys
-    from pathlib import Path
 
-    path = Path(__file__).parents[1] / "scripts" / "small_batch_study.py"
-    spec = importlib.util.spec_from_file_location("small_batch_study", path)
-    study = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, study)  # dataclasses look their module up there
-    spec.loader.exec_module(study)
-    protocol = study.PROTOCOLS["detection"]
-    assert protocol.variants == ("frozen_bn", "bn", "syncbn", "gn", "gn_ws") and protocol.batches == (1, 2, 4, 8)
-    args = argparse.Namespace(protocol=protocol, quick=False, base_batch=8, base_lr=2e-3, lr_scaling="sqrt",
-                              images=protocol.images, num_train=protocol.num_train, warmup_images=256)
-    single = study.overrides(study.Run("gn", 2, 0), args, tmp_path)
-    synced = study.overrides(study.Run("syncbn", 2, 0), args, tmp_path)  # 2 processes: total batch 4
-    assert single[0] == "experiment=shapes_det_gn_ws" and "norm=gn" in single and "trainer=ddp_cpu" in synced
-    assert "optim.optimizer.lr=0.001" in single and "optim.optimizer.lr=0.00141421" in synced
-    assert "trainer.max_epochs=3" in single and "data.num_train=512" in single
+    with script_module("small_batch_study") as study:
+        protocol = study.PROTOCOLS["detection"]
+        assert protocol.variants == ("frozen_bn", "bn", "syncbn", "gn", "gn_ws") and protocol.batches == (1, 2, 4, 8)
+        args = argparse.Namespace(protocol=protocol, quick=False, base_batch=8, base_lr=2e-3, lr_scaling="sqrt",
+                                  images=protocol.images, num_train=protocol.num_train, warmup_images=256)
+        single = study.overrides(study.Run("gn", 2, 0), args, tmp_path)
+        synced = study.overrides(study.Run("syncbn", 2, 0), args, tmp_path)  # 2 processes: total batch 4
+        assert single[0] == "experiment=shapes_det_gn_ws" and "norm=gn" in single and "trainer=ddp_cpu" in synced
+        assert "optim.optimizer.lr=0.001" in single and "optim.optimizer.lr=0.00141421" in synced
+        assert "trainer.max_epochs=3" in single and "data.num_train=512" in single
