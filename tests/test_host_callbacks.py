@@ -4,10 +4,6 @@ Lightning namespace, and NormAdvisor counting the batch that synchronised BatchN
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,15 +15,10 @@ from gnlightning import NormAdvisor, PreciseBN, SyncBatchNorm
 from gnlightning.distributed import new_consecutive_groups
 from gnlightning.lightning.norm_advisor import synchronised_ranks
 from tests._dist import run_distributed
-from tests.host.modules import host_classes, quiet_trainer
+from tests.helpers import REPO, run_python, subprocess_env
+from tests.host.modules import quiet_trainer
 
-ROOT = Path(__file__).resolve().parents[1]
 NAMESPACES = ["lightning.pytorch", "pytorch_lightning"]
-
-
-def host(namespace: str):
-    pytest.importorskip(namespace)
-    return host_classes(namespace)
 
 
 def reference_statistics(net: nn.Sequential, batches) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -85,14 +76,13 @@ def assert_precise_statistics(model, batches, num_batches: int, steps: int) -> N
 
 @pytest.mark.parametrize("namespace", NAMESPACES)
 @pytest.mark.parametrize("module", ["MLP", "CNN"])
-def test_precise_bn_default_replays_training_step_of_module_without_forward(namespace, module):
+def test_precise_bn_default_replays_training_step_of_module_without_forward(host, module):
     """The host modules define no forward(); the default used to call pl_module(batch[0]) and crash at the first
     validation. Now their training_step is replayed, and the statistics are the true average over the batches."""
-    H = host(namespace)
     torch.manual_seed(0)
-    model = getattr(H, module)()
-    probe = batches_probe(H.L)
-    trainer = quiet_trainer(H.L, max_epochs=1, num_sanity_val_steps=0,
+    model = getattr(host, module)()
+    probe = batches_probe(host.L)
+    trainer = quiet_trainer(host.L, max_epochs=1, num_sanity_val_steps=0,
                             callbacks=[probe, PreciseBN(num_batches=3)])
     trainer.fit(model)
     steps = trainer.global_step
@@ -104,11 +94,10 @@ def test_precise_bn_default_replays_training_step_of_module_without_forward(name
 
 @pytest.mark.parametrize("namespace", NAMESPACES)
 @pytest.mark.parametrize("module", ["MLP", "CNN"])
-def test_precise_bn_calls_forward_of_module_that_has_one(namespace, module):
-    H = host(namespace)
+def test_precise_bn_calls_forward_of_module_that_has_one(host, module):
     calls = {"forward": 0, "training_step": 0}
 
-    class WithForward(getattr(H, module)):
+    class WithForward(getattr(host, module)):
         def forward(self, x):
             calls["forward"] += 1
             return self.net(x)
@@ -119,8 +108,8 @@ def test_precise_bn_calls_forward_of_module_that_has_one(namespace, module):
 
     torch.manual_seed(0)
     model = WithForward()
-    probe = batches_probe(H.L)
-    trainer = quiet_trainer(H.L, max_epochs=1, num_sanity_val_steps=0, limit_val_batches=1,
+    probe = batches_probe(host.L)
+    trainer = quiet_trainer(host.L, max_epochs=1, num_sanity_val_steps=0, limit_val_batches=1,
                             callbacks=[probe, PreciseBN(num_batches=100)])
     trainer.fit(model)
     steps = trainer.global_step
@@ -129,13 +118,12 @@ def test_precise_bn_calls_forward_of_module_that_has_one(namespace, module):
 
 
 @pytest.mark.parametrize("namespace", NAMESPACES)
-def test_precise_bn_replay_leaves_training_metrics_alone(namespace):
+def test_precise_bn_replay_leaves_training_metrics_alone(host):
     """A torchmetrics Metric updated in training_step and logged per epoch reports the training batches only: the
     same figure as the same fit without PreciseBN (whose replay comes after the last training step)."""
-    H = host(namespace)
     torchmetrics = pytest.importorskip("torchmetrics")
 
-    class WithAccuracy(H.MLP):
+    class WithAccuracy(host.MLP):
         def __init__(self):
             super().__init__()
             self.train_accuracy = torchmetrics.classification.MulticlassAccuracy(num_classes=2, average="micro")
@@ -151,17 +139,16 @@ def test_precise_bn_replay_leaves_training_metrics_alone(namespace):
     figures = []
     for callbacks in ([], [PreciseBN(num_batches=8)]):
         torch.manual_seed(0)
-        trainer = quiet_trainer(H.L, max_epochs=1, num_sanity_val_steps=0, callbacks=callbacks)
+        trainer = quiet_trainer(host.L, max_epochs=1, num_sanity_val_steps=0, callbacks=callbacks)
         trainer.fit(WithAccuracy())
         figures.append({key: trainer.callback_metrics[key].item() for key in ("train_acc", "train_loss")})
     assert figures[0] == figures[1]
 
 
 @pytest.mark.parametrize("namespace", NAMESPACES)
-def test_precise_bn_refuses_manual_optimization_without_forward_before_training(namespace):
-    H = host(namespace)
+def test_precise_bn_refuses_manual_optimization_without_forward_before_training(host):
 
-    class Manual(H.MLP):
+    class Manual(host.MLP):
         def __init__(self):
             super().__init__()
             self.automatic_optimization = False
@@ -176,10 +163,10 @@ def test_precise_bn_refuses_manual_optimization_without_forward_before_training(
 
     model = Manual()
     with pytest.raises(ValueError, match=r"Manual defines no forward\(\) and uses manual optimization.*forward="):
-        quiet_trainer(H.L, max_epochs=1, callbacks=[PreciseBN()]).fit(model)
+        quiet_trainer(host.L, max_epochs=1, callbacks=[PreciseBN()]).fit(model)
     assert model.losses == []  # refused before the first training step
     # with forward= it trains and recomputes
-    quiet_trainer(H.L, max_epochs=1, num_sanity_val_steps=0,
+    quiet_trainer(host.L, max_epochs=1, num_sanity_val_steps=0,
                   callbacks=[PreciseBN(forward=lambda module, batch: module.net(batch[0]))]).fit(model)
     assert len(model.losses) == 8
 
@@ -198,25 +185,24 @@ def test_precise_bn_bad_arguments(arguments, error, match):
 # --- NormAdvisor ----------------------------------------------------------------------------------------------
 
 
-def advice(H, model, caplog, **advisor) -> str:
+def advice(host, model, caplog, **advisor) -> str:
     with caplog.at_level(logging.WARNING, logger="gnlightning"):
-        quiet_trainer(H.L, max_steps=1, limit_val_batches=0, num_sanity_val_steps=0,
+        quiet_trainer(host.L, max_steps=1, limit_val_batches=0, num_sanity_val_steps=0,
                       callbacks=[NormAdvisor(**advisor)]).fit(model)
     return caplog.text
 
 
 @pytest.mark.parametrize("namespace", NAMESPACES)
-def test_norm_advisor_advice_fits_the_model(namespace, caplog):
+def test_norm_advisor_advice_fits_the_model(host, caplog):
     """gn_ws standardises convolution filters: advice for the CNN, not for the MLP (gn or ln there)."""
-    H = host(namespace)
-    mlp = advice(H, H.MLP(batch_size=2), caplog)
+    mlp = advice(host, host.MLP(batch_size=2), caplog)
     assert "2 BatchNorm layers (e.g. 'net.1') train unsynchronised on 2 samples per device" in mlp
     assert "norm=gn or norm=ln" in mlp and "gn_ws" not in mlp and "PreciseBN()" in mlp
     caplog.clear()
-    cnn = advice(H, H.CNN(batch_size=2), caplog)
+    cnn = advice(host, host.CNN(batch_size=2), caplog)
     assert "train unsynchronised on 2 samples per device" in cnn and "norm=gn_ws" in cnn
     caplog.clear()
-    assert advice(H, H.CNN(batch_size=8), caplog, min_batch=8) == ""
+    assert advice(host, host.CNN(batch_size=8), caplog, min_batch=8) == ""
 
 
 @pytest.mark.parametrize("arguments, match", [
@@ -248,11 +234,8 @@ def test_norm_advisor_counts_the_synchronised_batch_under_ddp(namespace, tmp_pat
     (rank 0), naming the total. (It used to count SyncBN as fine whatever the total, and stay silent.) The same run
     has PreciseBN replay the CNN's training_step under DDP."""
     pytest.importorskip(namespace)
-    env = {key: value for key, value in os.environ.items() if key not in ("RANK", "LOCAL_RANK", "SLURM_PROCID")}
-    env.update(GNL_LIGHTNING=namespace, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "host_spawn.py"), "syncbn"], cwd=tmp_path,
-                            env=env, capture_output=True, text=True, timeout=300, check=True)
+    result = run_python(REPO / "tests" / "scripts" / "host_spawn.py", "syncbn", cwd=tmp_path,
+                        env=subprocess_env(GNL_LIGHTNING=namespace))
     output = result.stdout + result.stderr
     expected = ("2 BatchNorm layers (e.g. 'net.1') train synchronised over 2 processes x 2 samples per device = "
                 "4 samples (fewer than min_batch=16)")

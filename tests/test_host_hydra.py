@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,9 +21,9 @@ from omegaconf import OmegaConf
 
 from gnlightning import NormSwap, convert_norms
 from gnlightning.layers import NORMS
+from tests.helpers import error_text, run_python, subprocess_env
 from tests.host.modules import host_classes
 
-REPO = Path(__file__).parents[1]
 TRAINER_TARGET = "${oc.env:HOST_LIGHTNING,lightning.pytorch}.Trainer"
 
 HOST_APP = {
@@ -302,11 +299,7 @@ def test_norm_swap_include_reaches_norm_swap_as_a_plain_list(apps):
 def test_a_misspelt_norm_swap_key_or_option_fails_naming_it(apps, overrides, exception, message):
     with pytest.raises(exception) as info:
         swapped_model(apps, overrides)
-    chain, error = [], info.value
-    while error is not None:
-        chain.append(str(error))
-        error = error.__cause__
-    assert message in "\n".join(chain)
+    assert message in error_text(info.value)
 
 
 # --------------------------------------------------------------------------------------- the host's own train.py
@@ -314,12 +307,9 @@ def run_host(app: Path, overrides, namespace: str, timeout: int = 300) -> list[d
     """``python train.py <overrides>`` in ``app`` with ``namespace`` as the host's Lightning; the RecordNorms
     records of every rank."""
     pytest.importorskip(namespace)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HOST_LIGHTNING": namespace,
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     run_dir = app / "runs" / "_".join([namespace, *overrides]).replace("/", "_").replace("=", "-")
-    result = subprocess.run([sys.executable, "train.py", *overrides, f"hydra.run.dir={run_dir}"], cwd=app, env=env,
-                            timeout=timeout, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_python("train.py", *overrides, f"hydra.run.dir={run_dir}", cwd=app, timeout=timeout,
+               env=subprocess_env(HOST_LIGHTNING=namespace))
     return [json.loads(path.read_text()) for path in sorted(run_dir.glob("norms_rank*.json"))]
 
 

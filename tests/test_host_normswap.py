@@ -3,10 +3,6 @@ project's own eval script, and a spawn launcher cannot leave the caller with a s
 
 import functools
 import logging
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,27 +10,22 @@ from torch import nn
 
 from gnlightning import FrozenBatchNorm2d, NormSwap
 from gnlightning.lightning.norm_swap import CHECKPOINT_KEY, load_converted
+from tests.helpers import run_python
 from tests.host.modules import host_classes, quiet_trainer
 
 NAMESPACES = ["lightning.pytorch", "pytorch_lightning"]
 
 
-def host(namespace):
-    pytest.importorskip(namespace)
-    return host_classes(namespace)
-
-
 @pytest.mark.parametrize("namespace", NAMESPACES)
-def test_frozen_bn_freezes_the_mlp_batchnorm1d_and_nothing_moves(namespace, caplog):
-    h = host(namespace)
-    model = h.MLP()
+def test_frozen_bn_freezes_the_mlp_batchnorm1d_and_nothing_moves(host, caplog):
+    model = host.MLP()
     bn = model.net[1]
     with torch.no_grad():
         bn.running_mean.uniform_(4, 6)  # the statistics a pretrained model would bring
         bn.running_var.uniform_(8, 10)
     expected = {key: value.clone() for key, value in bn.state_dict().items()}
     with caplog.at_level(logging.INFO, logger="gnlightning"):
-        quiet_trainer(h.L, max_epochs=1, callbacks=[NormSwap("frozen_bn")]).fit(model)
+        quiet_trainer(host.L, max_epochs=1, callbacks=[NormSwap("frozen_bn")]).fit(model)
     assert isinstance(model.net[1], FrozenBatchNorm2d) and isinstance(model.net[4], FrozenBatchNorm2d)
     for key, value in model.net[1].state_dict().items():
         if key in expected:
@@ -43,13 +34,12 @@ def test_frozen_bn_freezes_the_mlp_batchnorm1d_and_nothing_moves(namespace, capl
 
 
 @pytest.mark.parametrize("namespace", NAMESPACES)
-def test_nothing_converted_and_every_skip_are_warnings(namespace, caplog):
-    h = host(namespace)
-    model = h.CNN()
+def test_nothing_converted_and_every_skip_are_warnings(host, caplog):
+    model = host.CNN()
     model.net[1] = nn.GroupNorm(4, 16)  # the host already uses GroupNorm in the first block
     model.net[4] = nn.GroupNorm(4, 16)
     with caplog.at_level(logging.INFO, logger="gnlightning"):
-        quiet_trainer(h.L, max_epochs=1, limit_train_batches=2, callbacks=[NormSwap("frozen_bn")]).fit(model)
+        quiet_trainer(host.L, max_epochs=1, limit_train_batches=2, callbacks=[NormSwap("frozen_bn")]).fit(model)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "gnlightning"]
     assert any("left 2 layer(s) as they are (no running statistics to freeze): 'net.1' (GroupNorm)" in message
                for message in warnings), warnings
@@ -57,47 +47,45 @@ def test_nothing_converted_and_every_skip_are_warnings(namespace, caplog):
 
 
 @pytest.mark.parametrize("namespace", NAMESPACES)
-def test_degenerate_gn_on_the_mlp_is_a_warning_naming_the_layer(namespace, caplog):
-    h = host(namespace)
+def test_degenerate_gn_on_the_mlp_is_a_warning_naming_the_layer(host, caplog):
     with caplog.at_level(logging.INFO, logger="gnlightning"):
-        quiet_trainer(h.L, max_epochs=1, limit_train_batches=2, callbacks=[NormSwap("in")]).fit(h.MLP())
+        quiet_trainer(host.L, max_epochs=1, limit_train_batches=2, callbacks=[NormSwap("in")]).fit(host.MLP())
     assert "GroupNorm 'net.1' (64 groups over 64 channels" in caplog.text
     assert "output is the bias alone" in caplog.text
 
 
-def train_with_checkpoint(h, module, tmp_path, swaps):
-    checkpoint = h.L.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    trainer = quiet_trainer(h.L, max_epochs=2, callbacks=[*swaps, checkpoint], enable_checkpointing=True)
+def train_with_checkpoint(host, module, tmp_path, swaps):
+    checkpoint = host.L.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = quiet_trainer(host.L, max_epochs=2, callbacks=[*swaps, checkpoint], enable_checkpointing=True)
     trainer.fit(module)
     return trainer, str(tmp_path / "last.ckpt")
 
 
 @pytest.mark.parametrize("namespace", NAMESPACES)
-def test_the_hosts_eval_script_reapplies_the_recorded_conversions(namespace, tmp_path):
-    h = host(namespace)
-    trained = h.CNN()
+def test_the_hosts_eval_script_reapplies_the_recorded_conversions(host, tmp_path):
+    trained = host.CNN()
     swaps = [NormSwap("gn_ws", num_groups=4, module="net"), NormSwap("frozen_bn", include="nothing.matches")]
-    trainer, path = train_with_checkpoint(h, trained, tmp_path, swaps[:1])
+    trainer, path = train_with_checkpoint(host, trained, tmp_path, swaps[:1])
     reference = trainer.test(trained, verbose=False)[0]  # the trained model itself, in memory
 
     # The host's eval script: build the module from its config, test from the checkpoint.
     with pytest.raises(RuntimeError, match="running_mean"):  # what a user hits without NormSwap
-        quiet_trainer(h.L).test(h.CNN(), ckpt_path=path, verbose=False)
-    result = quiet_trainer(h.L, callbacks=[NormSwap.from_checkpoint(path)]).test(h.CNN(), ckpt_path=path,
-                                                                                 verbose=False)[0]
+        quiet_trainer(host.L).test(host.CNN(), ckpt_path=path, verbose=False)
+    result = quiet_trainer(host.L, callbacks=[NormSwap.from_checkpoint(path)]).test(host.CNN(), ckpt_path=path,
+                                                                                    verbose=False)[0]
     assert result == pytest.approx(reference)
 
 
 def test_from_checkpoint_is_a_hydra_target_and_records_every_swap(tmp_path):
     from hydra.utils import instantiate
 
-    h = host("lightning.pytorch")
+    host = host_classes("lightning.pytorch")
     swaps = [NormSwap("frozen_bn", module="net.1"), NormSwap("gn", num_groups=2, module="net.4")]
-    _, path = train_with_checkpoint(h, h.CNN(), tmp_path, swaps)
+    _, path = train_with_checkpoint(host, host.CNN(), tmp_path, swaps)
     assert [spec["norm"] for spec in torch.load(path, weights_only=True)[CHECKPOINT_KEY]] == ["frozen_bn", "gn"]
     swap = instantiate({"_target_": "gnlightning.NormSwap.from_checkpoint", "ckpt_path": path})
     assert repr(swap) == f"NormSwap.from_checkpoint({path!r})"
-    model = swap.apply(h.CNN())
+    model = swap.apply(host.CNN())
     assert isinstance(model.net[1], FrozenBatchNorm2d) and model.net[4].num_groups == 2
 
 
@@ -110,10 +98,9 @@ def test_from_checkpoint_errors_name_the_fix(tmp_path):
 
 
 @pytest.mark.parametrize("namespace", NAMESPACES)
-def test_load_converted_passes_weights_only_for_pickled_hyperparameters(namespace, tmp_path):
-    h = host(namespace)
+def test_load_converted_passes_weights_only_for_pickled_hyperparameters(host, tmp_path):
 
-    class WithOptimizerFactory(h.CNN):  # a Hydra-style partial in the hyper-parameters: pickled in the checkpoint
+    class WithOptimizerFactory(host.CNN):  # a Hydra-style partial in the hyper-parameters: pickled in the checkpoint
         def __init__(self, optimizer=functools.partial(torch.optim.SGD, lr=0.05), **kwargs):
             super().__init__(**kwargs)
             self.save_hyperparameters()
@@ -122,7 +109,7 @@ def test_load_converted_passes_weights_only_for_pickled_hyperparameters(namespac
             return self.hparams.optimizer(self.parameters())
 
     trained = WithOptimizerFactory()
-    _, path = train_with_checkpoint(h, trained, tmp_path, [NormSwap("gn", num_groups=4)])
+    _, path = train_with_checkpoint(host, trained, tmp_path, [NormSwap("gn", num_groups=4)])
     with pytest.raises(ValueError, match="weights_only=False"):
         load_converted(WithOptimizerFactory, path)
     model = load_converted(WithOptimizerFactory, path, weights_only=False, map_location="cpu")
@@ -151,13 +138,9 @@ print("caller holds:", sorted({row.type for row in describe_norms(model)}))
 @pytest.mark.parametrize("namespace", NAMESPACES)
 def test_spawn_launcher_warns_unless_the_caller_converted_first(namespace, tmp_path):
     pytest.importorskip(namespace)
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
     outputs = {}
     for mode in ("plain", "converted"):
-        done = subprocess.run([sys.executable, "-c", SPAWN_SCRIPT, namespace, mode], env=env, cwd=tmp_path,
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
+        done = run_python("-c", SPAWN_SCRIPT, namespace, mode, cwd=tmp_path)
         outputs[mode] = done.stdout + done.stderr
     assert "the model object you passed to fit() is not converted" in outputs["plain"]
     assert "caller holds: ['BatchNorm2d']" in outputs["plain"]  # what the warning is about

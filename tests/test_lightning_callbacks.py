@@ -1,9 +1,8 @@
 """NormSwap, PreciseBN and NormAdvisor in plain Lightning projects (LightningModules written here, not tasks)."""
 
+import functools
+import importlib
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning.pytorch as L
@@ -14,15 +13,16 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from gnlightning import FrozenBatchNorm2d, NormAdvisor, NormSwap, PreciseBN, WSConv2d
 from gnlightning.lightning.norm_swap import load_converted
+from tests.helpers import run_python, subprocess_env
+from tests.host import modules as host_modules
 from tests.scripts.fit_normswap import Classifier
 
 SCRIPT = Path(__file__).parent / "scripts" / "fit_normswap.py"
 
 
 def quiet_trainer(**kwargs):
-    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                    enable_model_summary=False, enable_checkpointing=False)
-    return L.Trainer(**{**defaults, **kwargs})
+    """A quiet lightning.pytorch Trainer on the CPU (tests/host's, for this namespace)."""
+    return host_modules.quiet_trainer(L, **kwargs)
 
 
 @pytest.mark.distributed
@@ -34,10 +34,7 @@ def quiet_trainer(**kwargs):
 ])
 def test_normswap_under_ddp_trains_checkpoints_and_resumes(strategy, norm, namespace, tmp_path):
     pytest.importorskip(namespace)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GNL_LIGHTNING": namespace,
-           "PYTHONPATH": os.pathsep.join([str(SCRIPT.parents[2]), os.environ.get("PYTHONPATH", "")])}
-    subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), strategy, norm, "2"], check=True, env=env,
-                   timeout=300, cwd=tmp_path, capture_output=True)
+    run_python(SCRIPT, tmp_path, strategy, norm, "2", cwd=tmp_path, env=subprocess_env(GNL_LIGHTNING=namespace))
     expected_types = {"gn_ws": ["WSConv2d", "GroupNorm"] * 2, "syncbn": ["SyncBatchNorm"] * 2}[norm]
     for rank in range(2):
         first = torch.load(tmp_path / f"first_rank{rank}.pt")
@@ -81,25 +78,34 @@ def test_normswap_bad_option_and_bad_module_path():
                       limit_train_batches=1).fit(Classifier())
 
 
-class Detector(L.LightningModule):
-    """Backbone + head, as in detection models: frozen BN in the backbone, GN in the head."""
+@functools.cache
+def detector_class(namespace: str = "lightning.pytorch") -> type:
+    """Backbone + head, as in detection models, as a LightningModule of ``namespace`` (a Trainer accepts only
+    LightningModules of its own namespace)."""
+    L = importlib.import_module(namespace)
 
-    def __init__(self):
-        super().__init__()
-        self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.head = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 2, 1))
+    class Detector(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+            self.head = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                      nn.Conv2d(8, 2, 1))
 
-    def training_step(self, batch, batch_idx):
-        return self.head(self.backbone(batch[0])).square().mean()
+        def training_step(self, batch, batch_idx):
+            return self.head(self.backbone(batch[0])).square().mean()
 
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01)
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
 
-    def train_dataloader(self):
-        return DataLoader(TensorDataset(torch.randn(8, 3, 8, 8)), batch_size=2)
+        def train_dataloader(self):
+            return DataLoader(TensorDataset(torch.randn(8, 3, 8, 8)), batch_size=2)
+
+    return Detector
 
 
 def test_normswap_composes_on_submodules(tmp_path):
+    """Frozen BN in the backbone, GN in the head, each by a NormSwap of its own."""
+    Detector = detector_class()
     model = Detector()
     callbacks = [NormSwap("frozen_bn", module="backbone"), NormSwap("gn", module="head", num_groups=2)]
     trainer = quiet_trainer(max_epochs=1, callbacks=callbacks, default_root_dir=tmp_path,
@@ -112,25 +118,9 @@ def test_normswap_composes_on_submodules(tmp_path):
 
 def test_callbacks_from_pytorch_lightning_trainer():
     pl = pytest.importorskip("pytorch_lightning")
-
-    class PLDetector(pl.LightningModule):  # a pytorch_lightning Trainer refuses lightning.pytorch modules
-        def __init__(self):
-            super().__init__()
-            self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-
-        def training_step(self, batch, batch_idx):
-            return self.backbone(batch[0]).square().mean()
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.01)
-
-        def train_dataloader(self):
-            return DataLoader(TensorDataset(torch.randn(8, 3, 8, 8)), batch_size=2)
-
-    model = PLDetector()
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[NormSwap("gn_ws", num_groups=2), PreciseBN(num_batches=2), NormAdvisor()])
+    model = detector_class("pytorch_lightning")()
+    trainer = host_modules.quiet_trainer(pl, max_epochs=1, callbacks=[NormSwap("gn_ws", num_groups=2),
+                                                                      PreciseBN(num_batches=2), NormAdvisor()])
     trainer.fit(model)
     assert isinstance(model.backbone[1], nn.GroupNorm) and isinstance(model.backbone[0], WSConv2d)
 

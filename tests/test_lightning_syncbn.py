@@ -1,14 +1,12 @@
 """SyncBatchNormPlugin under a real Lightning DDP fit: 2 CPU processes, gloo, both Lightning namespaces."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from tests.helpers import run_python, subprocess_env
 from tests.scripts.fit_syncbn import dataset
 
 SCRIPT = Path(__file__).parent / "scripts" / "fit_syncbn.py"
@@ -18,8 +16,7 @@ SCRIPT = Path(__file__).parent / "scripts" / "fit_syncbn.py"
 @pytest.mark.parametrize("namespace", ["lightning.pytorch", "pytorch_lightning"])
 def test_fit_with_plugin_synchronises_running_statistics(namespace, tmp_path):
     pytest.importorskip(namespace)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GNL_LIGHTNING": namespace}
-    subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], check=True, env=env, timeout=300, cwd=tmp_path)
+    run_python(SCRIPT, tmp_path, cwd=tmp_path, env=subprocess_env(GNL_LIGHTNING=namespace))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for result in ranks:
         # 12 images, 2 ranks, batch 2: 3 steps each; the plugin composes with a NormSwap on the head
