@@ -4,10 +4,8 @@ peer against gnlightning's SyncBN, collectives per transport) and how bench.py r
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -18,25 +16,20 @@ import torch
 from torch import nn
 
 from gnlightning import FrozenBatchNorm2d
+from tests.helpers import REPO, run_python, script_module
 
-SCRIPT = Path(__file__).parents[1] / "scripts" / "bench.py"
+SCRIPT = REPO / "scripts" / "bench.py"
 
 
 @pytest.fixture(scope="module")
 def bench() -> Iterator[ModuleType]:
-    spec = importlib.util.spec_from_file_location("bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    with script_module("bench") as module:
+        yield module
 
 
 def test_quick_run_writes_the_report(tmp_path: Path) -> None:
     # One thread: the run stays quick on a machine busy with other tests.
-    command = [sys.executable, str(SCRIPT), "--quick", "--only", "ws", "convert", "memory", "--threads", "1",
-               "--out", str(tmp_path)]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
+    completed = run_python(SCRIPT, "--quick", "--only", "ws", "convert", "memory", "--threads", "1", "--out", tmp_path)
 
     report = json.loads((tmp_path / "bench.json").read_text())
     assert set(report["sections"]) == {"ws", "convert", "memory"}

@@ -11,7 +11,6 @@ deterministically; the second runs the reported scenario in a loop.
 from __future__ import annotations
 
 import gc
-import os
 import subprocess
 import sys
 import weakref
@@ -24,9 +23,9 @@ import torch.distributed as dist
 
 from gnlightning.distributed import all_reduce_sum, host_channel, new_consecutive_groups
 from tests._dist import free_port, run_distributed
+from tests.helpers import subprocess_env
 
 SCENARIO = Path(__file__).parent / "scripts" / "ddp_join_syncbn.py"
-ROOT = Path(__file__).parents[1]
 
 
 def _groups_freed_worker(rank: int, world_size: int) -> dict[str, Any]:
@@ -67,9 +66,8 @@ def _run_scenario(world_size: int = 2, timeout: float = 120) -> list[tuple[int, 
     port = free_port()
     processes = []
     for rank in range(world_size):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-               "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        env = subprocess_env(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                             MASTER_PORT=str(port))
         processes.append(subprocess.Popen([sys.executable, str(SCENARIO)], env=env, stdout=subprocess.DEVNULL,
                                           stderr=subprocess.PIPE, text=True))
     outcomes = []

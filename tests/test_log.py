@@ -7,19 +7,14 @@ exactly the "app configured logging" case, so the "no logging configured" case c
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
 import gnlightning.log as gnl_log
+from tests.helpers import RANK_VARIABLES, REPO, run_python, subprocess_env
 
-ROOT = Path(__file__).resolve().parents[1]
 SUMMARY = "convert_norms(gn): converted 1 BatchNorm2d -> GroupNorm"
-RANK_VARIABLES = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
 
 CONVERT = """
 import torch.nn as nn
@@ -28,19 +23,9 @@ gnlightning.convert_norms(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)), 
 """
 
 
-def run_python(code_or_path: str | Path, *args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    environment = {key: value for key, value in os.environ.items() if key not in RANK_VARIABLES}
-    environment.update(PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-                       OMP_NUM_THREADS="1", **env)
-    command = [sys.executable, str(code_or_path)] if isinstance(code_or_path, Path) else [sys.executable, "-c",
-                                                                                            code_or_path]
-    return subprocess.run([*command, *args], cwd=cwd, env=environment, capture_output=True, text=True, timeout=300,
-                          check=True)
-
-
 def test_plain_script_shows_formatted_lines_once(tmp_path):
     code = CONVERT + 'import logging; logging.getLogger("gnlightning.some.child").warning("careful: %d", 7)\n'
-    result = run_python(code, cwd=tmp_path)
+    result = run_python("-c", code, cwd=tmp_path)
     output = result.stdout + result.stderr
     assert output.count(SUMMARY) == 1, output
     assert f"[gnlightning] INFO: {SUMMARY}" in result.stderr
@@ -48,8 +33,8 @@ def test_plain_script_shows_formatted_lines_once(tmp_path):
 
 
 def test_plain_script_on_rank_1_shows_nothing(tmp_path):
-    result = run_python(CONVERT + 'import logging; logging.getLogger("gnlightning").warning("careful")\n',
-                        cwd=tmp_path, RANK="1")
+    result = run_python("-c", CONVERT + 'import logging; logging.getLogger("gnlightning").warning("careful")\n',
+                        cwd=tmp_path, env=subprocess_env(RANK="1"))
     assert "convert_norms" not in result.stderr + result.stdout and "careful" not in result.stderr
 
 
@@ -57,7 +42,7 @@ def test_basic_config_after_import_takes_over(tmp_path):
     """An app that configures logging after importing gnlightning gets the lines in its own format, once."""
     code = ("import logging, gnlightning\nlogging.basicConfig(format='APP %(name)s %(levelname)s %(message)s')\n"
             + CONVERT)
-    result = run_python(code, cwd=tmp_path)
+    result = run_python("-c", code, cwd=tmp_path)
     assert result.stderr.count(SUMMARY) == 1 and f"APP gnlightning INFO {SUMMARY}" in result.stderr
     assert "[gnlightning]" not in result.stderr
 
@@ -169,8 +154,8 @@ def test_install_keeps_the_users_choices():
 @pytest.mark.parametrize("namespace", ["lightning.pytorch", "pytorch_lightning"])
 def test_ddp_spawn_normswap_summary_once_from_rank_zero(namespace, tmp_path):
     pytest.importorskip(namespace)
-    result = run_python(ROOT / "tests" / "scripts" / "host_spawn.py", "normswap", cwd=tmp_path,
-                        GNL_LIGHTNING=namespace)
+    result = run_python(REPO / "tests" / "scripts" / "host_spawn.py", "normswap", cwd=tmp_path,
+                        env=subprocess_env(GNL_LIGHTNING=namespace))
     output = result.stdout + result.stderr
     assert output.count("NormSwap(gn): converted 2 BatchNorm1d -> GroupNorm") == 1, output
     assert output.count("[gnlightning] INFO: rank 0 was here") == 1, output

@@ -7,7 +7,6 @@ path Lightning actually takes: float32 parameters, a conv whose bf16 output auto
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import functools
@@ -22,6 +21,8 @@ from gnlightning import SyncBatchNorm, WSConv2d, convert_norms
 from gnlightning.layers import sync_batchnorm
 from gnlightning.layers.ws_conv import standardize_weight
 from tests._dist import run_distributed
+
+pytestmark = pytest.mark.usefixtures("quiet_lightning")
 
 NORMS = ["bn", "syncbn", "frozen_bn", "gn", "gn_ws", "ln", "in"]
 STEPS = 20
@@ -82,15 +83,6 @@ def _fit(norm: str, precision: str):
     L.Trainer(accelerator="cpu", devices=1, precision=precision, max_steps=STEPS, logger=False,
               enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False).fit(model)
     return model
-
-
-@pytest.fixture(autouse=True)
-def _quiet_lightning():
-    logger = logging.getLogger("lightning.pytorch")
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    yield
-    logger.setLevel(level)
 
 
 @pytest.mark.parametrize("norm", NORMS)

@@ -11,7 +11,6 @@ import contextlib
 import errno
 import importlib
 import io
-import logging
 import os
 import shutil
 import signal
@@ -27,6 +26,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from gnlightning.lightning.checkpoint_io import AtomicCheckpointIO
+from tests.helpers import subprocess_env
+
+pytestmark = pytest.mark.usefixtures("quiet_lightning")
 
 
 def _disk_full() -> OSError:
@@ -71,17 +73,6 @@ def private_tempdir(tmp_path, monkeypatch):
     directory.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(directory))
     return directory
-
-
-@pytest.fixture(autouse=True)
-def _quiet_lightning():
-    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "pytorch_lightning", "lightning.fabric")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    yield
-    for logger, level in zip(loggers, levels):
-        logger.setLevel(level)
 
 
 def _assert_intact(last, before: bytes) -> None:
@@ -263,8 +254,7 @@ def test_ddp_run_ends_when_a_rank_dies(case, namespace, tmp_path):
     takes 9-12 s on this project's 2-core machine, up to ~35 s when it is busy) and every rank is gone within 30 s
     more (the orphaned rank 1 of raise_rank0 needs a moment to print its error and exit)."""
     pytest.importorskip(namespace)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GNL_LIGHTNING": namespace,
-           "PYTHONPATH": os.pathsep.join([str(RANK_DIES_SCRIPT.parents[2]), os.environ.get("PYTHONPATH", "")])}
+    env = subprocess_env(GNL_LIGHTNING=namespace)
     log = tmp_path / "log.txt"
     with open(log, "w") as output:
         # Output to a file, not a pipe: rank 1 inherits it, and a pipe would tie run()'s return to rank 1's exit. A
