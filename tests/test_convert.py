@@ -11,6 +11,7 @@ from torch import nn
 
 from gnlightning import FrozenBatchNorm2d, SyncBatchNorm, WSConv2d, convert_norms, describe_norms, revert_sync_batchnorm
 from gnlightning.layers import BatchNormXd
+from tests.helpers import assert_same_state, randomized_statistics, run_python
 
 
 def block(cin, cout):
@@ -31,29 +32,8 @@ class Net(nn.Module):
         return self.fc_bn(self.fc(self.pool(self.head(self.body(self.stem(x)))).flatten(1)))
 
 
-def randomized(model):
-    """A model whose norm layers hold non-default values, so that copying mistakes show."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.5, 0.5)
-                module.running_mean.uniform_(-0.5, 0.5)
-                module.running_var.uniform_(0.5, 2.0)
-                module.num_batches_tracked.fill_(7)
-    return model
-
-
-def assert_same_state(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    assert list(sa) == list(sb)
-    for key in sa:
-        assert torch.equal(sa[key], sb[key]), key
-
-
 def test_gn_ws_conversion_replaces_and_wraps_exactly():
-    model = randomized(Net())
+    model = randomized_statistics(Net(), num_batches_tracked=7)
     original = copy.deepcopy(model)
     with pytest.warns(UserWarning, match=r"'fc_bn' \(1 groups over 4 channels.*only 4 value\(s\) per group"):
         out = convert_norms(model, "GN+WS")
@@ -75,7 +55,7 @@ def test_gn_ws_conversion_replaces_and_wraps_exactly():
 
 
 def test_bn_syncbn_frozen_round_trips_are_exact():
-    model = randomized(Net()).eval()
+    model = randomized_statistics(Net(), num_batches_tracked=7).eval()
     x = torch.randn(2, 3, 16, 16)
     reference = copy.deepcopy(model)
     expected = reference(x)
@@ -98,7 +78,7 @@ def test_bn_syncbn_frozen_round_trips_are_exact():
 
 
 def test_preserves_mode_dtype_requires_grad_and_parameter_identity():
-    model = randomized(Net()).double()
+    model = randomized_statistics(Net(), num_batches_tracked=7).double()
     model.stem[1].weight.requires_grad_(False)
     model.body.eval()
     body_weight = model.body[1].weight
@@ -216,9 +196,6 @@ def test_timm_fused_norm_act_keeps_activation_and_dropout():
 
 
 def test_convert_norms_does_not_import_lightning():
-    import subprocess
-    import sys
-
     code = ("import sys, torch, gnlightning; gnlightning.convert_norms(torch.nn.BatchNorm2d(4), 'gn'); "
             "assert not any(m.split('.')[0] in ('lightning', 'pytorch_lightning', 'hydra') for m in sys.modules)")
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    run_python("-c", code, timeout=120)

@@ -21,8 +21,8 @@ from gnlightning.data import (
 )
 from gnlightning.data.shapes import split_seed
 from gnlightning.data.transforms import detection_collate
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 SIZE = (40, 48)  # deliberately not square: catches (h, w) / (w, h) mix-ups
 WRITE = dict(num_train=6, num_val=5, image_size=SIZE, seed=3)
 
@@ -210,22 +210,27 @@ def copy_coco(source: Path, target: Path, edit=None, split="val") -> Path:
     return target
 
 
+def written_and_generated(dm):
+    """``(index, (image, target), rendered)`` for every sample of ``dm``'s train and val sets, next to what
+    ShapesDataset renders for the same split and index (the sets written from it must be as long, and not empty)."""
+    for split in ("train", "val"):
+        reference = generated(split)
+        dataset = dm.dataset(split)
+        assert len(dataset) == len(reference) == WRITE[f"num_{split}"]
+        for index in range(len(dataset)):
+            yield index, dataset[index], reference.render(index)
+
+
 def test_coco_round_trip_detection(coco_root):
     dm = COCODataModule(coco_root, task="detection", augment=False, batch_size=2)
     assert dm.num_classes == 4 and dm.class_names == ["background", "circle", "rectangle", "triangle"]
     dm.setup("fit")
-    for split in ("train", "val"):
-        reference = generated(split)
-        dataset = dm.dataset(split)
-        assert len(dataset) == len(reference)
-        for index in range(len(dataset)):
-            image, target = dataset[index]
-            expected = reference.render(index)
-            assert torch.equal(as_uint8(image), as_uint8(expected["image"]))  # PNG: exact up to 8-bit quantization
-            assert torch.equal(target["labels"], expected["labels"])
-            assert torch.equal(torch.as_tensor(target["masks"]), expected["masks"])
-            torch.testing.assert_close(torch.as_tensor(target["boxes"]), expected["boxes"], rtol=0, atol=1e-4)
-            assert target["image_id"] == index + 1
+    for index, (image, target), expected in written_and_generated(dm):
+        assert torch.equal(as_uint8(image), as_uint8(expected["image"]))  # PNG: exact up to 8-bit quantization
+        assert torch.equal(target["labels"], expected["labels"])
+        assert torch.equal(torch.as_tensor(target["masks"]), expected["masks"])
+        torch.testing.assert_close(torch.as_tensor(target["boxes"]), expected["boxes"], rtol=0, atol=1e-4)
+        assert target["image_id"] == index + 1
     images, targets = next(iter(dm.val_dataloader()))
     assert isinstance(images, list) and len(images) == 2 and images[0].shape == (3, *SIZE)
     assert targets[0]["boxes"].dtype == torch.float32 and targets[0]["masks"].dtype == torch.uint8
@@ -365,18 +370,12 @@ def test_voc_round_trip(layout, voc_root, folder_root):
     root = voc_root if layout == "voc" else folder_root
     dm = VOCDataModule(root, layout=layout, num_classes=4, augment=False, batch_size=3)
     dm.setup("fit")
-    for split in ("train", "val"):
-        reference = generated(split)
-        dataset = dm.dataset(split)
-        assert len(dataset) == len(reference)
-        for index in range(len(dataset)):
-            image, mask = dataset[index]
-            expected = reference.render(index)
-            assert torch.equal(torch.as_tensor(mask), expected["semantic"])  # PNG masks: exact
-            if layout == "folder":  # PNG images: exact up to 8-bit quantization
-                assert torch.equal(as_uint8(image), as_uint8(expected["image"]))
-            else:  # VOC keeps JPEG images: close, not exact
-                assert (image - expected["image"]).abs().mean() < 0.04
+    for _, (image, mask), expected in written_and_generated(dm):
+        assert torch.equal(torch.as_tensor(mask), expected["semantic"])  # PNG masks: exact
+        if layout == "folder":  # PNG images: exact up to 8-bit quantization
+            assert torch.equal(as_uint8(image), as_uint8(expected["image"]))
+        else:  # VOC keeps JPEG images: close, not exact
+            assert (image - expected["image"]).abs().mean() < 0.04
     images, masks = next(iter(dm.train_dataloader()))
     assert images.shape == (3, 3, *SIZE) and masks.shape == (3, *SIZE) and masks.dtype == torch.int64
 

@@ -10,23 +10,13 @@ from torch import nn
 from gnlightning import SyncBatchNorm, WSConv2d, convert_norms
 from gnlightning.export import prepare_for_export
 from gnlightning.layers import FrozenBatchNorm2d
-
-
-def randomized_stats(model):
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)):
-                module.running_mean.uniform_(-0.5, 0.5)
-                module.running_var.uniform_(0.5, 2.0)
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.5, 0.5)
-    return model
+from tests.helpers import randomized_statistics
 
 
 @pytest.mark.parametrize("norm", ["bn", "syncbn", "frozen_bn", "gn_ws"])
 def test_export_form_equals_eval_model(norm):
-    model = convert_norms(randomized_stats(torchvision.models.segmentation.lraspp_mobilenet_v3_large(
+    torch.manual_seed(0)
+    model = convert_norms(randomized_statistics(torchvision.models.segmentation.lraspp_mobilenet_v3_large(
         weights=None, weights_backbone=None, num_classes=3)), norm).eval()
     before = copy.deepcopy(model)
     exported = prepare_for_export(model)
@@ -45,7 +35,8 @@ def test_export_form_equals_eval_model(norm):
 
 
 def test_untraceable_detection_model_keeps_its_norms_and_matches():
-    model = randomized_stats(torchvision.models.detection.fasterrcnn_resnet50_fpn(
+    torch.manual_seed(0)
+    model = randomized_statistics(torchvision.models.detection.fasterrcnn_resnet50_fpn(
         weights=None, weights_backbone=None, num_classes=3, min_size=64, max_size=64,
         rpn_post_nms_top_n_test=20, box_detections_per_img=5))
     model = convert_norms(model, "gn_ws", include="backbone.fpn").eval()
@@ -71,7 +62,7 @@ def segmentation_models():
     models = {}
     for norm in EXPORT_NORMS:
         torch.manual_seed(0)
-        model = randomized_stats(build_model("timm_segmentation", num_classes=4, norm=norm, backbone="resnet10t"))
+        model = randomized_statistics(build_model("timm_segmentation", num_classes=4, norm=norm, backbone="resnet10t"))
         model.eval()
         models[norm] = (model, prepare_for_export(model))
     return models

@@ -14,10 +14,7 @@ from torch import nn
 
 from gnlightning import FrozenBatchNorm2d, SyncBatchNorm, convert_norms, revert_sync_batchnorm
 from gnlightning.convert import NormConversionWarning
-
-
-def mlp(width=64):
-    return nn.Sequential(nn.Linear(16, width), nn.BatchNorm1d(width), nn.ReLU(), nn.Linear(width, 2))
+from tests.helpers import bn_mlp
 
 
 def state(module):
@@ -25,7 +22,7 @@ def state(module):
 
 
 def test_gn_on_features_defaults_to_16_channels_per_group_and_matches_torch():
-    model = mlp(64)
+    model = bn_mlp(64)
     with torch.no_grad():
         model[1].weight.uniform_(0.5, 1.5)
     convert_norms(model, "gn")
@@ -38,13 +35,13 @@ def test_gn_on_features_defaults_to_16_channels_per_group_and_matches_torch():
 
 @pytest.mark.parametrize("norm, options, values", [("in", {}, 1), ("gn", {"group_size": 2}, 2)])
 def test_degenerate_groups_on_features_warn_naming_layer_and_fix_or_raise_when_strict(norm, options, values):
-    model = mlp(64)
+    model = bn_mlp(64)
     with pytest.warns(NormConversionWarning) as record:
         convert_norms(model, norm, **options)
     message = str(record[0].message)
     assert f"GroupNorm '1'" in message and f"only {values} value(s) per group" in message
     assert "exclude=['1']" in message
-    untouched = mlp(64)
+    untouched = bn_mlp(64)
     before = copy.deepcopy(untouched)
     with pytest.raises(ValueError, match=f"only {values} value"):
         convert_norms(untouched, norm, strict=True, **options)
@@ -54,7 +51,7 @@ def test_degenerate_groups_on_features_warn_naming_layer_and_fix_or_raise_when_s
 def test_in_on_features_really_erases_the_input():
     """What the warning is about: IN over one value per group outputs the bias whatever the input."""
     with pytest.warns(NormConversionWarning):
-        model = convert_norms(mlp(8), "in")
+        model = convert_norms(bn_mlp(8), "in")
     out = model[1](torch.randn(4, 8))
     torch.testing.assert_close(out, model[1].bias.detach().expand(4, 8), atol=1e-4, rtol=0)
 
