@@ -25,9 +25,6 @@ import csv
 import datetime
 import json
 import math
-import os
-import subprocess
-import sys
 import traceback
 from pathlib import Path
 from typing import Any, Callable
@@ -45,10 +42,11 @@ from gnlightning.export import prepare_for_export
 from gnlightning.layers import sync_batchnorm
 from gnlightning.layers.sync_batchnorm import _SyncBatchNormFunction
 from tests._dist import CollectiveCounter, run_distributed
+from tests.helpers import (affine_values, batch_and_upstream_grad, batchnorm_reference, randomized_statistics,
+                           run_gnl_train)
 
 # One place names the device, so that the helpers can be exercised on "cpu" by hand (the tests themselves need CUDA).
 DEVICE = "cuda"
-REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = [
     pytest.mark.gpu,
@@ -151,22 +149,7 @@ def _small_net() -> nn.Sequential:
         nn.Conv2d(16, 32, 3, padding=1, stride=2, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
         nn.Conv2d(32, 8, 1),
     )
-    return _randomized_statistics(net)
-
-
-def _randomized_statistics(model: nn.Module) -> nn.Module:
-    """Running statistics and affine values away from their identity defaults, so frozen and eval-mode BN do
-    something, and folding them is not trivially exact."""
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, (nn.modules.batchnorm._BatchNorm, torchvision.ops.FrozenBatchNorm2d)):
-                count = module.running_mean.numel()
-                module.running_mean.copy_(torch.rand(count, generator=generator) - 0.5)
-                module.running_var.copy_(torch.rand(count, generator=generator) * 1.5 + 0.5)
-                module.weight.copy_(torch.rand(count, generator=generator) + 0.5)
-                module.bias.copy_(torch.rand(count, generator=generator) - 0.5)
-    return model
+    return randomized_statistics(net)
 
 
 def _pytorch_twin(model: nn.Sequential) -> nn.Sequential:
@@ -360,7 +343,7 @@ def test_prepare_for_export_of_cuda_model_matches_eval_outputs(norm: str) -> Non
     torch.manual_seed(0)
     model = torchvision.models.segmentation.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None,
                                                                       num_classes=3)
-    model = convert_norms(_randomized_statistics(model), norm).to(DEVICE).eval()
+    model = convert_norms(randomized_statistics(model), norm).to(DEVICE).eval()
     before = {key: value.clone() for key, value in model.state_dict().items()}
     exported = prepare_for_export(model)
     devices = {tensor.device.type for tensor in [*exported.parameters(), *exported.buffers()]}
@@ -405,20 +388,10 @@ ONE_RANK_CASES = ["even_2_2", "channels_last_3_1", "no_affine_2_1", "large_offse
 
 
 def _sync_data(name: str, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Global batch and upstream gradient, float64 on the CPU. A random upstream gradient, not out.sum(): BN's input
-    gradient under a constant one is ~0, which would let a wrong backward pass."""
+    """Global batch and upstream gradient, float64 on the CPU."""
     case = SYNC_CASES[name]
-    generator = torch.Generator().manual_seed(100 * list(SYNC_CASES).index(name) + step)
     shape = (sum(case["sizes"]), CHANNELS, *SPATIAL)
-    x = torch.randn(shape, generator=generator, dtype=torch.float64) * 2.0 + case.get("offset", 3.0)
-    grad = torch.randn(shape, generator=generator, dtype=torch.float64)
-    return x, grad
-
-
-def _affine_init() -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(7)
-    return (torch.rand(CHANNELS, generator=generator, dtype=torch.float64) + 0.5,
-            torch.randn(CHANNELS, generator=generator, dtype=torch.float64))
+    return batch_and_upstream_grad(100 * list(SYNC_CASES).index(name) + step, shape, case.get("offset", 3.0))
 
 
 class _SyncPathBatchNorm(SyncBatchNorm):
@@ -443,7 +416,7 @@ def _train_layer(layer: nn.Module, name: str, rank: int, world_size: int, device
     dtype = case.get("dtype", torch.float32)
     layer = layer.to(device).train()
     if layer.affine:
-        weight, bias = _affine_init()
+        weight, bias = affine_values(CHANNELS)
         with torch.no_grad():
             layer.weight.copy_(weight)
             layer.bias.copy_(bias)
@@ -543,28 +516,8 @@ def _one_rank_worker(rank: int, world_size: int, backend: str, device: str) -> d
 def _sync_reference(name: str) -> dict[str, Any]:
     """nn.BatchNorm2d in float64 on the concatenated global batch, same steps and initial parameters."""
     case = SYNC_CASES[name]
-    dtype = case.get("dtype", torch.float32)
-    reference = nn.BatchNorm2d(CHANNELS, affine=case.get("affine", True)).double()
-    if reference.affine:
-        weight, bias = _affine_init()
-        with torch.no_grad():
-            reference.weight.copy_(weight)
-            reference.bias.copy_(bias)
-    expected: dict[str, Any] = {"out": [], "grad_input": [], "grad_weight": [], "grad_bias": []}
-    for step in range(STEPS):
-        x, grad = _sync_data(name, step)
-        x = x.to(dtype).double().requires_grad_()  # the values the ranks actually see
-        reference.zero_grad(set_to_none=True)
-        out = reference(x)
-        (out * grad.to(dtype).double()).sum().backward()
-        expected["out"].append(out.detach())
-        expected["grad_input"].append(x.grad)
-        if reference.affine:
-            expected["grad_weight"].append(reference.weight.grad.clone())
-            expected["grad_bias"].append(reference.bias.grad.clone())
-    expected.update(running_mean=reference.running_mean, running_var=reference.running_var,
-                    num_batches_tracked=int(reference.num_batches_tracked))
-    return expected
+    return batchnorm_reference([_sync_data(name, step) for step in range(STEPS)],
+                               dtype=case.get("dtype", torch.float32), affine=case.get("affine", True))
 
 
 def _check_against_reference(name: str, ranks: list[dict[str, Any]], what: str) -> None:
@@ -708,11 +661,7 @@ TRAIN_OVERRIDES = [
 
 
 def test_gnl_train_trainer_gpu_runs_a_few_steps(tmp_path: Path) -> None:
-    # This checkout first on the path, whatever is installed; one thread per process as in the other CLI tests.
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "-m", "gnlightning.train", *TRAIN_OVERRIDES]
-    result = subprocess.run(command, cwd=tmp_path, env=env, timeout=240, capture_output=True, text=True, check=False)
+    result = run_gnl_train(*TRAIN_OVERRIDES, cwd=tmp_path, timeout=240)
     output = result.stdout + result.stderr
     assert result.returncode == 0, (
         f"gnl-train {' '.join(TRAIN_OVERRIDES)} exited with {result.returncode}; last output:\n{output[-5000:]}")

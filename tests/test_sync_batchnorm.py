@@ -20,6 +20,7 @@ from gnlightning.distributed import group_world_size, new_consecutive_groups
 from gnlightning.layers import sync_batchnorm
 from gnlightning.layers.sync_batchnorm import SyncBatchNorm
 from tests._dist import CollectiveCounter, run_distributed
+from tests.helpers import affine_values, batch_and_upstream_grad, batchnorm_reference
 
 CHANNELS = 3
 STEPS = 2
@@ -53,24 +54,10 @@ CASE_NAMES = [case["name"] for case in CASES]
 
 
 def _data(case_index: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Global batch and upstream gradient (float64) for one case and step.
-
-    A random upstream gradient, not out.sum(): the input gradient of BN under a constant upstream gradient is ~0,
-    which would let a wrong backward pass.
-    """
+    """Global batch and upstream gradient (float64) for one case and step."""
     case = CASES[case_index]
-    generator = torch.Generator().manual_seed(1000 * case_index + step)
     shape = (sum(case["sizes"]), CHANNELS, *case["spatial"])
-    x = torch.randn(shape, generator=generator, dtype=torch.float64) * 2.0 + case.get("offset", 3.0)
-    grad = torch.randn(shape, generator=generator, dtype=torch.float64)
-    return x, grad
-
-
-def _affine_init(generator_seed: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(generator_seed)
-    weight = torch.rand(CHANNELS, generator=generator, dtype=torch.float64) + 0.5
-    bias = torch.randn(CHANNELS, generator=generator, dtype=torch.float64)
-    return weight, bias
+    return batch_and_upstream_grad(1000 * case_index + step, shape, case.get("offset", 3.0))
 
 
 def _run_case(rank: int, case_index: int, counter: CollectiveCounter) -> dict[str, Any]:
@@ -80,7 +67,7 @@ def _run_case(rank: int, case_index: int, counter: CollectiveCounter) -> dict[st
     dtype = case.get("dtype", torch.float32)
     layer = SyncBatchNorm(CHANNELS, momentum=case.get("momentum", 0.1), affine=case.get("affine", True))
     if layer.affine:
-        weight, bias = _affine_init()
+        weight, bias = affine_values(CHANNELS)
         with torch.no_grad():
             layer.weight.copy_(weight)
             layer.bias.copy_(bias)
@@ -197,34 +184,9 @@ def two_rank_results(request: pytest.FixtureRequest) -> list[dict[str, Any]]:
 def _reference(case_index: int) -> dict[str, Any]:
     """nn.BatchNorm*d in float64 on the concatenated global batch, same steps and initial parameters."""
     case = CASES[case_index]
-    dims = 2 + len(case["spatial"])
-    reference_class = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[dims]
-    affine = case.get("affine", True)
-    reference = reference_class(CHANNELS, momentum=case.get("momentum", 0.1), affine=affine).double()
-    if affine:
-        weight, bias = _affine_init()
-        with torch.no_grad():
-            reference.weight.copy_(weight)
-            reference.bias.copy_(bias)
-    expected: dict[str, Any] = {"out": [], "grad_input": [], "grad_weight": [], "grad_bias": []}
-    for step in range(STEPS):
-        x, grad = _data(case_index, step)
-        dtype = case.get("dtype", torch.float32)
-        x = x.to(dtype).double().requires_grad_()  # the values the ranks actually see
-        reference.zero_grad(set_to_none=True)
-        out = reference(x)
-        (out * grad.to(dtype).double()).sum().backward()
-        expected["out"].append(out.detach())
-        expected["grad_input"].append(x.grad)
-        if affine:
-            expected["grad_weight"].append(reference.weight.grad.clone())
-            expected["grad_bias"].append(reference.bias.grad.clone())
-    expected.update(
-        running_mean=reference.running_mean,
-        running_var=reference.running_var,
-        num_batches_tracked=int(reference.num_batches_tracked),
-    )
-    return expected
+    steps = [_data(case_index, step) for step in range(STEPS)]
+    return batchnorm_reference(steps, dtype=case.get("dtype", torch.float32), affine=case.get("affine", True),
+                               momentum=case.get("momentum", 0.1))
 
 
 @pytest.mark.distributed
