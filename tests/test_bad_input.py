@@ -334,6 +334,7 @@ def test_failed_run_directory_is_removed_only_when_it_holds_hydra_files_alone(tm
     assert not remove_failed_run_dir(tmp_path) and tmp_path.is_dir()
 
 
+@pytest.mark.slow
 def test_gnl_train_failures_leave_no_run_directory(tmp_path):
     """Two real runs, side by side: one refused while building (a group count that does not divide the channels,
     strict), one failing inside fit (an empty data root, found when Lightning sets the data up)."""

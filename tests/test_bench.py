@@ -27,6 +27,7 @@ def bench() -> Iterator[ModuleType]:
         yield module
 
 
+@pytest.mark.slow
 def test_quick_run_writes_the_report(tmp_path: Path) -> None:
     # One thread: the run stays quick on a machine busy with other tests.
     completed = run_python(SCRIPT, "--quick", "--only", "ws", "convert", "memory", "--threads", "1", "--out", tmp_path)
@@ -128,6 +129,7 @@ def _check_variants_worker(rank: int, world_size: int) -> dict:
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_naive_peer_and_syncbn_transports_agree_before_timing() -> None:
     from tests._dist import run_distributed

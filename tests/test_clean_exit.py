@@ -53,6 +53,7 @@ def _groups_freed_worker(rank: int, world_size: int) -> dict[str, Any]:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_destroy_process_group_frees_every_group_our_caches_have_seen() -> None:
     for result in run_distributed(_groups_freed_worker, 2, timeout=120):

@@ -195,6 +195,7 @@ def test_timm_fused_norm_act_keeps_activation_and_dropout():
     assert {n for n, _ in model.bn1.named_children()} == {"act", "drop"}
 
 
+@pytest.mark.slow
 def test_convert_norms_does_not_import_lightning():
     code = ("import sys, torch, gnlightning; gnlightning.convert_norms(torch.nn.BatchNorm2d(4), 'gn'); "
             "assert not any(m.split('.')[0] in ('lightning', 'pytorch_lightning', 'hydra') for m in sys.modules)")

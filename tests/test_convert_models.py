@@ -89,7 +89,13 @@ def kinds_after(model, norm, original_types):
                 assert module.num_groups == module.num_channels, name
 
 
-@pytest.mark.parametrize("name", SEGMENTATION + DETECTION + TIMM)
+# The torchvision detectors and the ResNet-101s take 3-7 s each (seven conversions, each with a training and an eval
+# forward): slow.
+HEAVY = {*DETECTION, "deeplabv3_resnet101", "fcn_resnet101"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) if name in HEAVY else name
+                                  for name in SEGMENTATION + DETECTION + TIMM])
 def test_every_norm_on_model(name):
     original = build(name)
     original_types = dict(original.named_modules())

@@ -87,6 +87,7 @@ def test_torch_export_of_converted_segmentation_model(norm, segmentation_models)
             torch.testing.assert_close(exported(x)["out"], model(x)["out"], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", ["gn_ws", "bn"])  # syncbn's export form is bn's (reverted, then folded)
 def test_onnx_export_of_converted_segmentation_model(norm, segmentation_models, tmp_path):
     """The dynamo-based exporter (torch.onnx.export(dynamo=True) needs onnx and onnxscript: the `onnx` extra);

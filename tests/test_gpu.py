@@ -587,6 +587,7 @@ def one_rank_nccl() -> dict[str, Any]:
     return run_distributed(_one_rank_worker, 1, "nccl", DEVICE, init_process_group=False, timeout=150)[0]
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_two_ranks_on_one_gpu_use_gloo_through_torch_distributed(two_ranks_one_gpu: list[dict[str, Any]]) -> None:
     for rank, results in enumerate(two_ranks_one_gpu):
@@ -596,6 +597,7 @@ def test_two_ranks_on_one_gpu_use_gloo_through_torch_distributed(two_ranks_one_g
         assert results["gnl_transports"]["torch"] > 0, f"rank {rank}: no collective ran ({results['gnl_transports']})"
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("name", list(SYNC_CASES))
 def test_syncbn_two_ranks_on_one_gpu_matches_batchnorm_on_global_batch(
@@ -606,6 +608,7 @@ def test_syncbn_two_ranks_on_one_gpu_matches_batchnorm_on_global_batch(
     _check_against_reference(name, ranks, f"gnlightning SyncBatchNorm, 2 ranks (gloo, CUDA), case {name}")
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("name", TORCH_PEER_CASES)
 def test_syncbn_two_ranks_on_one_gpu_equals_torch_syncbatchnorm(
@@ -620,6 +623,7 @@ def test_syncbn_two_ranks_on_one_gpu_equals_torch_syncbatchnorm(
     _check_equal_ranks(ours, theirs, f"gnlightning vs torch.nn.SyncBatchNorm, case {name}")
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("variant", ["plain", "sync_path"])
 @pytest.mark.parametrize("name", ONE_RANK_CASES)
@@ -631,6 +635,7 @@ def test_syncbn_one_rank_nccl_matches_batchnorm(name: str, variant: str, one_ran
     _check_against_reference(name, [result], what)
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("name", ONE_RANK_CASES)
 def test_syncbn_sync_path_issues_both_collectives_on_nccl(name: str, one_rank_nccl: dict[str, Any]) -> None:
@@ -640,6 +645,7 @@ def test_syncbn_sync_path_issues_both_collectives_on_nccl(name: str, one_rank_nc
     assert calls == expected, f"case {name}: collectives (numel, dtype) {calls}, expected {expected}"
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("name", [name for name in ONE_RANK_CASES if name in TORCH_PEER_CASES])
 def test_syncbn_one_rank_nccl_equals_torch_syncbatchnorm(name: str, one_rank_nccl: dict[str, Any]) -> None:
@@ -660,6 +666,7 @@ TRAIN_OVERRIDES = [
 ]
 
 
+@pytest.mark.slow
 def test_gnl_train_trainer_gpu_runs_a_few_steps(tmp_path: Path) -> None:
     result = run_gnl_train(*TRAIN_OVERRIDES, cwd=tmp_path, timeout=240)
     output = result.stdout + result.stderr

@@ -21,7 +21,7 @@ from gnlightning.distributed import all_reduce_sum, host_channel
 from gnlightning.host_all_reduce import MAX_BYTES, HostAllReduce
 from tests._dist import CollectiveCounter, free_port, run_distributed
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.int64]
 

@@ -137,7 +137,8 @@ def test_ws_conv_training_gradients_equal_the_autograd_formula(groups, stride, d
 
 @pytest.mark.parametrize("backend", [
     "aot_eager",  # AOTAutograd traces the custom autograd Function's forward and backward: what can break
-    pytest.param("inductor", marks=pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")),
+    pytest.param("inductor", marks=[pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler"),
+                                    pytest.mark.slow]),  # compiles C++ kernels: ~20 s
 ])
 def test_ws_conv_compiles_without_graph_breaks_to_the_same_values(backend):
     """torch.compile(fullgraph=True) of a GN+WS block (an error at any graph break), against the textbook formula

@@ -25,6 +25,7 @@ def quiet_trainer(**kwargs):
     return host_modules.quiet_trainer(L, **kwargs)
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("strategy, norm, namespace", [
     ("ddp", "gn_ws", "lightning.pytorch"),

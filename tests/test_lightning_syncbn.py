@@ -12,6 +12,7 @@ from tests.scripts.fit_syncbn import dataset
 SCRIPT = Path(__file__).parent / "scripts" / "fit_syncbn.py"
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("namespace", ["lightning.pytorch", "pytorch_lightning"])
 def test_fit_with_plugin_synchronises_running_statistics(namespace, tmp_path):

@@ -23,6 +23,7 @@ gnlightning.convert_norms(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)), 
 """
 
 
+@pytest.mark.slow
 def test_plain_script_shows_formatted_lines_once(tmp_path):
     code = CONVERT + 'import logging; logging.getLogger("gnlightning.some.child").warning("careful: %d", 7)\n'
     result = run_python("-c", code, cwd=tmp_path)
@@ -32,12 +33,14 @@ def test_plain_script_shows_formatted_lines_once(tmp_path):
     assert output.count("careful: 7") == 1 and "[gnlightning] WARNING: careful: 7" in result.stderr
 
 
+@pytest.mark.slow
 def test_plain_script_on_rank_1_shows_nothing(tmp_path):
     result = run_python("-c", CONVERT + 'import logging; logging.getLogger("gnlightning").warning("careful")\n',
                         cwd=tmp_path, env=subprocess_env(RANK="1"))
     assert "convert_norms" not in result.stderr + result.stdout and "careful" not in result.stderr
 
 
+@pytest.mark.slow
 def test_basic_config_after_import_takes_over(tmp_path):
     """An app that configures logging after importing gnlightning gets the lines in its own format, once."""
     code = ("import logging, gnlightning\nlogging.basicConfig(format='APP %(name)s %(levelname)s %(message)s')\n"
@@ -47,6 +50,7 @@ def test_basic_config_after_import_takes_over(tmp_path):
     assert "[gnlightning]" not in result.stderr
 
 
+@pytest.mark.slow
 def test_hydra_app_logs_once_to_console_and_file(tmp_path):
     """Hydra configures root logging after the app's imports; gnlightning's lines go to Hydra's console and job log,
     each once, in Hydra's format (and not a second time in gnlightning's own)."""

@@ -85,6 +85,7 @@ def _fit(norm: str, precision: str):
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", NORMS)
 def test_bf16_mixed_trains_like_float32(norm):
     """20 AdamW steps on the same data and seed, "bf16-mixed" against "32-true".
@@ -186,6 +187,7 @@ def _syncbn_autocast_worker(rank: int, world_size: int) -> dict[str, Any]:
     return record
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_syncbn_statistics_stay_float32_under_autocast():
     ranks = run_distributed(_syncbn_autocast_worker, 2, timeout=120)

@@ -43,6 +43,7 @@ def uninterrupted(tmp_path_factory):
     return steps
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("crash_at", [3, 5, 12], ids=["mid-epoch", "epoch-end", "later-epoch"])
 def test_gn_ws_resumes_from_any_step_with_the_same_losses(uninterrupted, crash_at, tmp_path):
     first = fit_in_process(tmp_path / "a", crash_at=crash_at)
@@ -57,6 +58,8 @@ def test_gn_ws_resumes_from_any_step_with_the_same_losses(uninterrupted, crash_a
                                    msg=f"step {step}: loss differs from the uninterrupted run")
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_syncbn_ddp_run_resumes_after_a_crash_with_the_same_losses(gnl_train, tmp_path):
     """gnl-train itself, 2 processes with SyncBatchNorm and PreciseBN; the run crashes mid-epoch on every rank."""
     common = ["norm=syncbn", "trainer=ddp_cpu", "callbacks=precise_bn", "callbacks.precise_bn.num_batches=2",

@@ -242,6 +242,7 @@ def _running(pid: int) -> bool:
     return True
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("case, namespace", [
     ("exit_rank1", "lightning.pytorch"),  # Lightning's child-process observer on rank 0 ends the run

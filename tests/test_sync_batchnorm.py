@@ -189,6 +189,7 @@ def _reference(case_index: int) -> dict[str, Any]:
                                momentum=case.get("momentum", 0.1))
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("name", [case["name"] for case in CASES if not case.get("error")])
 def test_matches_single_process_batchnorm_on_global_batch(name: str, two_rank_results: list[dict[str, Any]]) -> None:
@@ -248,6 +249,7 @@ def test_matches_single_process_batchnorm_on_global_batch(name: str, two_rank_re
         assert all(result["channels_last"] for result in ranks if result["out"][0].numel())
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("name", [case["name"] for case in CASES if not case.get("error")])
 def test_one_collective_per_pass(name: str, two_rank_results: list[dict[str, Any]]) -> None:
@@ -258,24 +260,28 @@ def test_one_collective_per_pass(name: str, two_rank_results: list[dict[str, Any
         assert results[name]["calls"] == expected
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_collectives_scale_with_layers_not_tensors(two_rank_results: list[dict[str, Any]]) -> None:
     for results in two_rank_results:
         assert results["two_layer_calls"] == (2, 2)
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_one_collective_per_layer_and_pass_in_ddp_training_steps(two_rank_results: list[dict[str, Any]]) -> None:
     for results in two_rank_results:
         assert results["training_step_calls"] == [(3, 3, 0)] * 3
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_eval_mode_never_synchronizes(two_rank_results: list[dict[str, Any]]) -> None:
     for results in two_rank_results:
         assert results["eval"] == (0, True)
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("name", [case["name"] for case in CASES if case.get("error")])
 def test_global_count_of_one_raises_on_every_rank(name: str, two_rank_results: list[dict[str, Any]]) -> None:
@@ -323,6 +329,7 @@ def _four_rank_worker(rank: int, world_size: int) -> dict[str, Any]:
     return checks
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_consecutive_groups_keep_statistics_per_group() -> None:
     results = run_distributed(_four_rank_worker, 4, timeout=120)

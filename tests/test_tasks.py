@@ -62,6 +62,7 @@ def test_poly_schedule_and_no_decay_groups():
     assert no_decay["weight_decay"] == 0 and len(no_decay["params"]) == 4
 
 
+@pytest.mark.slow
 def test_segmentation_task_fits_and_learns():
     torch.manual_seed(0)
     masks = nn.functional.interpolate((torch.rand(16, 1, 4, 4) > 0.5).float(), size=(32, 32)).squeeze(1).long()

@@ -165,6 +165,7 @@ def test_trainer_typos_and_wrong_types_fail_naming_the_key(override, fragments, 
         assert fragment in error_text(info.value)
 
 
+@pytest.mark.slow
 def test_gnl_train_end_to_end_single_process(gnl_train, tmp_path):
     result = gnl_train(*TINY, "hydra.run.dir=run")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -176,6 +177,7 @@ def test_gnl_train_end_to_end_single_process(gnl_train, tmp_path):
     assert "test/mIoU" in result.stdout  # the final metrics table
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_gnl_train_ddp_cpu_one_output_directory(gnl_train, tmp_path):
     result = gnl_train(*TINY, "trainer=ddp_cpu", "norm=syncbn", "hydra.run.dir=run")
@@ -185,6 +187,7 @@ def test_gnl_train_ddp_cpu_one_output_directory(gnl_train, tmp_path):
     assert results["settings"]["world_size"] == 2 and results["settings"]["total_batch_size"] == 4
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_torchrun_launch_script_two_cpu_processes(tmp_path):
     env = subprocess_env(NPROC="2", RUN_DIR=str(tmp_path / "run"), MASTER_PORT=str(free_port()))
@@ -193,6 +196,7 @@ def test_torchrun_launch_script_two_cpu_processes(tmp_path):
     assert results["settings"]["world_size"] == 2
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_slurm_batch_script_under_srun_trains_on_the_tasks_of_the_allocation(tmp_path):
     # scripts/slurm.sbatch as SLURM would run it in a one-node allocation of two tasks, with a stand-in srun that
@@ -208,6 +212,7 @@ def test_slurm_batch_script_under_srun_trains_on_the_tasks_of_the_allocation(tmp
     assert (settings["world_size"], settings["total_batch_size"]) == (2, 4)
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_sweep_as_slurm_array_jobs_each_trains_on_two_tasks(gnl_train, tmp_path):
     # gnl-train -m hydra/launcher=slurm through the real hydra-submitit-launcher and submitit, down to sbatch: a
@@ -228,6 +233,7 @@ def test_sweep_as_slurm_array_jobs_each_trains_on_two_tasks(gnl_train, tmp_path)
         "0_0_result.pkl", "0_1_result.pkl", "1_0_result.pkl", "1_1_result.pkl"]
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_sweep_with_lightning_ddp_runs_each_job_on_two_ranks_in_its_own_directory(gnl_train, tmp_path):
     # Lightning re-launches rank 1 of every job with that job's overrides and output directory (not "-m" again,
@@ -243,6 +249,7 @@ def test_sweep_with_lightning_ddp_runs_each_job_on_two_ranks_in_its_own_director
         assert (sweep / job / "train_ddp_process_1.log").is_file()  # rank 1 ran inside this job's directory
 
 
+@pytest.mark.slow
 def test_sweep_2x2_produces_summary(gnl_train, tmp_path):
     result = gnl_train("-m", "norm=bn,gn", "data.batch_size=2,4", *TINY[:-4], "trainer.max_epochs=1",
                        "trainer.enable_progress_bar=false", "run_test=false", "hydra.sweep.dir=sweep", timeout=500)
@@ -265,6 +272,7 @@ def test_experiment_recipes_compose(experiment, train_config):
 
 @pytest.mark.parametrize("layout, model", [("coco", "fasterrcnn_resnet50_fpn"), ("coco", "timm_segmentation"),
                                            ("voc", "timm_segmentation"), ("folder", "timm_segmentation")])
+@pytest.mark.slow
 def test_file_data_configs_build_and_fit_from_written_files(layout, model, train_config, tmp_path):
     from gnlightning.data import write_coco, write_folder, write_voc
 
