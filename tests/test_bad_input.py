@@ -17,6 +17,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from hydra.errors import ConfigCompositionException, MissingConfigException
 from torch import nn
 
 from gnlightning import NormSwap, SyncBatchNorm, convert_norms
@@ -195,10 +196,10 @@ MISTAKES = [
                  ["group_size=True", "positive divisor", r"valid choices: \[1\]"],
                  id="sync-group-size-bool"),
     # --- gnl-train configs (Hydra composition, schema, check_target, build)
-    pytest.param(gnl("norm=gnn"), Exception,
+    pytest.param(gnl("norm=gnn"), MissingConfigException,
                  ["norm/gnn", "Available options in 'norm'", "gn_ws"],
                  id="hydra-unknown-norm-option"),
-    pytest.param(gnl("data.batchsize=2"), Exception,
+    pytest.param(gnl("data.batchsize=2"), ConfigCompositionException,
                  ["'data.batchsize'", "Key 'batchsize' is not in struct"],
                  id="hydra-misspelt-key"),
     pytest.param(gnl("+data.batchsize=2"), ValueError,
@@ -207,10 +208,10 @@ MISTAKES = [
     pytest.param(gnl("data.batch_size=two"), ValueError,
                  ["data.batch_size='two'", "expects int", "e.g. data.batch_size=4"],
                  id="wrong-type-data-key"),
-    pytest.param(gnl("norm.num_groups=four"), Exception,
+    pytest.param(gnl("norm.num_groups=four"), ConfigCompositionException,
                  ["norm.num_groups=four", "could not be converted to Integer"],
                  id="wrong-type-schema-key"),
-    pytest.param(gnl("norm.include=backbone"), Exception,
+    pytest.param(gnl("norm.include=backbone"), ConfigCompositionException,
                  ["norm.include=backbone", "not a ListConfig, list or tuple"],
                  id="string-where-a-list-goes"),
     pytest.param(gnl("data.batch_size=0"), ValueError,

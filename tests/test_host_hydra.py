@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from hydra.errors import HydraException, MissingConfigException
+from hydra.errors import HydraException, InstantiationException, MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -292,7 +292,7 @@ def test_norm_swap_include_reaches_norm_swap_as_a_plain_list(apps):
 
 @pytest.mark.parametrize("overrides, exception, message", [
     (["+norm_swap=gn", "callbacks.norm_swap.num_group=4"], HydraException, "num_group"),
-    (["+norm_swap=gn", "+callbacks.norm_swap.num_group=4"], Exception, "did you mean 'num_groups'"),
+    (["+norm_swap=gn", "+callbacks.norm_swap.num_group=4"], InstantiationException, "did you mean 'num_groups'"),
     (["+norm_swap=gnws"], HydraException, "gnws"),
     (["+norm_swap=gn", "norm_swap.num_groups=4"], HydraException, "norm_swap.num_groups"),  # keys: callbacks.norm_swap
 ])
