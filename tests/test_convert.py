@@ -170,7 +170,9 @@ def test_torchvision_frozen_bn_source_to_gn_trains():
     model = torchvision.models.resnet18(weights=None, norm_layer=torchvision.ops.FrozenBatchNorm2d)
     convert_norms(model, "gn")
     params = {id(p) for p in model.parameters()}
-    assert all(id(m.weight) in params for m in model.modules() if isinstance(m, nn.GroupNorm))
+    group_norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
+    assert len(group_norms) == 20  # every FrozenBatchNorm2d of the ResNet-18
+    assert all(id(m.weight) in params for m in group_norms)
     model(torch.randn(1, 3, 32, 32)).sum().backward()
 
 

@@ -53,7 +53,7 @@ def run_forward(name, model):
                 target["masks"][0, 12:60, 10:50] = 1
             targets.append(target)
         losses = model(images, targets)
-        assert all(torch.isfinite(v) for v in losses.values())
+        assert losses and all(torch.isfinite(v) for v in losses.values()), losses
         model.eval()
         with torch.no_grad():
             assert isinstance(model(images), list)

@@ -488,7 +488,9 @@ def test_detection_batch_trains_torchvision_mask_rcnn(coco_root):
     coco = COCODataModule(coco_root, batch_size=2, image_size=SIZE)
     coco.setup("fit")
     images, targets = next(iter(coco.train_dataloader()))
-    assert all(torch.isfinite(value) for value in model(images, targets).values())
+    losses = model(images, targets)
+    assert {"loss_classifier", "loss_box_reg", "loss_mask"} <= losses.keys()
+    assert all(torch.isfinite(value) for value in losses.values())
 
 
 def test_segmentation_datamodule_runs_in_a_lightning_trainer(tmp_path):

@@ -27,9 +27,10 @@ def test_frozen_bn_freezes_the_mlp_batchnorm1d_and_nothing_moves(host, caplog):
     with caplog.at_level(logging.INFO, logger="gnlightning"):
         quiet_trainer(host.L, max_epochs=1, callbacks=[NormSwap("frozen_bn")]).fit(model)
     assert isinstance(model.net[1], FrozenBatchNorm2d) and isinstance(model.net[4], FrozenBatchNorm2d)
-    for key, value in model.net[1].state_dict().items():
-        if key in expected:
-            assert torch.equal(value, expected[key]), key  # frozen: training did not move the statistics
+    frozen = {key: value for key, value in model.net[1].state_dict().items() if key in expected}
+    assert {"running_mean", "running_var"} <= frozen.keys(), sorted(frozen)
+    for key, value in frozen.items():
+        assert torch.equal(value, expected[key]), key  # frozen: training did not move the statistics
     assert "NormSwap(frozen_bn): converted 2 BatchNorm1d -> FrozenBatchNorm2d" in caplog.text
 
 

@@ -196,6 +196,7 @@ def test_precise_bn_true_average_without_side_effects():
     reference_model = BNNet()
     reference_model.load_state_dict(state)
     reference = precise_reference(reference_model, [data[i: i + 2] for i in range(0, 8, 2)])
+    assert sorted(reference) == ["net.1", "net.5"]  # every trained BatchNorm, none left out of the comparison
     for name, (mean, var) in reference.items():
         torch.testing.assert_close(state[f"{name}.running_mean"].double(), mean, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(state[f"{name}.running_var"].double(), var, rtol=1e-5, atol=1e-6)

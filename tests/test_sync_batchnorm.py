@@ -202,6 +202,7 @@ def test_matches_single_process_batchnorm_on_global_batch(name: str, two_rank_re
     if sum(sizes) == 0:
         # Nothing anywhere: empty outputs, zero (not missing) parameter grads, statistics untouched.
         for rank in ranks:
+            assert len(rank["out"]) == len(rank["grad_weight"]) == len(rank["grad_bias"]) == STEPS
             assert all(out.shape == (0, CHANNELS, *case["spatial"]) for out in rank["out"])
             assert all(torch.count_nonzero(g) == 0 for g in rank["grad_weight"] + rank["grad_bias"])
             assert_close(rank["running_mean"], torch.zeros(CHANNELS))
@@ -246,7 +247,8 @@ def test_matches_single_process_batchnorm_on_global_batch(name: str, two_rank_re
         assert_close(result["running_var"].double(), expected["running_var"], rtol=RTOL, atol=ATOL)
         assert result["num_batches_tracked"] == expected["num_batches_tracked"] == STEPS
     if case.get("channels_last"):
-        assert all(result["channels_last"] for result in ranks if result["out"][0].numel())
+        layouts = [result["channels_last"] for result in ranks if result["out"][0].numel()]
+        assert layouts and all(layouts)
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 import inspect
 import json
 import logging
+import math
 import re
 from pathlib import Path
 
@@ -166,16 +167,42 @@ def test_trainer_typos_and_wrong_types_fail_naming_the_key(override, error, frag
         assert fragment in error_text(info.value)
 
 
+def miou_by_hand(cfg, checkpoint: Path) -> float:
+    """The test set's mIoU of ``checkpoint`` (a run of ``cfg``), from a confusion matrix counted here: per class,
+    hits over the union of target and prediction among the pixels that are not ignored; the mean over the classes
+    present in either."""
+    import torch
+
+    data, task, _ = build(cfg)
+    task.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"])
+    task.eval()
+    data.setup("test")
+    classes = data.num_classes
+    confusion = torch.zeros(classes, classes, dtype=torch.long)
+    with torch.no_grad():
+        for images, masks in data.test_dataloader():
+            predicted, kept = task(images).argmax(1), masks != 255
+            confusion += torch.bincount(masks[kept] * classes + predicted[kept], minlength=classes ** 2).view(
+                classes, classes)
+    hits = confusion.diag().double()
+    union = confusion.sum(0) + confusion.sum(1) - confusion.diag()
+    return float((hits / union).nanmean())  # 0 / 0: a class in neither, left out of the mean
+
+
 @pytest.mark.slow
-def test_gnl_train_end_to_end_single_process(gnl_train, tmp_path):
+def test_gnl_train_end_to_end_single_process(gnl_train, train_config, tmp_path):
     result = gnl_train(*TINY, "hydra.run.dir=run")
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "run"
     results = json.loads((run / "results.json").read_text())
     assert results["settings"]["norm"] == "gn_ws" and results["settings"]["batch_size_per_device"] == 2
-    assert 0 <= results["metrics"]["test/mIoU"] <= 1
     assert (run / ".hydra" / "config.yaml").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
     assert "test/mIoU" in result.stdout  # the final metrics table
+    # Four steps inside the 50-step warm-up teach the model nothing (it predicts background everywhere: mIoU is the
+    # background's share of the pixels over 4 classes, ~0.21), so no level above chance can be asked of it. What is
+    # asked: the reported figure is the tested checkpoint's, counted again here by hand.
+    [tested] = (run / "checkpoints").glob("epoch=*.ckpt")  # the monitored checkpoint, the one gnl-train tests
+    assert results["metrics"]["test/mIoU"] == pytest.approx(miou_by_hand(train_config(TINY), tested), abs=1e-4)
 
 
 @pytest.mark.slow
@@ -293,7 +320,7 @@ def test_file_data_configs_build_and_fit_from_written_files(layout, model, train
     from gnlightning.train import run
 
     metrics = run(cfg)
-    assert all(value == value for value in metrics.values())  # finite, not NaN
+    assert metrics and all(math.isfinite(value) for value in metrics.values()), metrics
 
 
 def test_gnl_inspect_reports_conversion_without_training(train_config):
