@@ -380,12 +380,27 @@ class SyncBatchNorm(_BatchNorm):
         return super().forward(input)
 
     @classmethod
+    def from_batchnorm(cls, bn: _BatchNorm, process_group: Any | None = None) -> "SyncBatchNorm":
+        """This layer in place of ``bn``, holding ``bn``'s own parameters and buffers (nothing is copied, so an
+        optimizer built before keeps working), in ``bn``'s mode; ``bn``'s class is remembered for the way back."""
+        layer = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, process_group,
+                    device=torch.device("meta"), **({} if bn.bias is not None or not bn.affine else {"bias": False}))
+        for name in ("weight", "bias"):
+            if name in layer._parameters:
+                layer._parameters[name] = bn._parameters[name]
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            if name in layer._buffers:
+                layer._buffers[name] = bn._buffers[name]
+        layer._source_class = type(bn)
+        return layer.train(bn.training)
+
+    @classmethod
     def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group: Any | None = None) -> torch.nn.Module:
-        """Replace every BatchNorm layer of ``module`` by this class, like ``torch.nn.SyncBatchNorm``'s method.
-
-        Kept for drop-in parity only; :func:`gnlightning.convert.convert_norms` is the single place that does
-        module surgery (state copying, include/exclude globs, reverting), so this delegates to it.
-        """
-        from gnlightning.convert import convert_norms
-
-        return convert_norms(module, "syncbn", process_group=process_group)
+        """Replace every BatchNorm of ``module`` by this class and return the root, as ``torch.nn.SyncBatchNorm``'s
+        method does (drop-in parity). :func:`gnlightning.convert_norms` (``"syncbn"``) does the same with
+        include / exclude, reports and a way back."""
+        if isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
+            return cls.from_batchnorm(module, process_group)
+        for name, child in module.named_children():
+            module.add_module(name, cls.convert_sync_batchnorm(child, process_group))
+        return module
