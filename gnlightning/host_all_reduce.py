@@ -10,6 +10,10 @@ of SyncBN's cost on CPU (a 5-layer net of width 32: 1.42x BN's step time, of whi
 over this channel their idle latency adds up to ~0.3 ms per step there. Intel's oneCCL bindings solve the same
 problem for CPU clusters, but are a separate, platform-specific install; this module needs nothing but sockets.
 
+Opt-in (``GNLIGHTNING_HOST_ALL_REDUCE=1`` on every rank; see :data:`gnlightning.distributed.HOST_CHANNEL_ENV`):
+the default is plain torch.distributed, which the field's users run (NCCL on GPUs) and which meets SyncBN's cost
+target at ResNet widths on CPU too; this channel only narrows the gap for narrow CPU layers.
+
 Scope, deliberately narrow: CPU tensors up to :data:`MAX_BYTES`, in process groups whose ranks all run on this host
 (the CPU-only tests, CI and single-node CPU training). Everything else -- accelerator tensors (NCCL), larger
 tensors, groups spanning hosts -- stays on ``torch.distributed.all_reduce``; :func:`gnlightning.distributed
