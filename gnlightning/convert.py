@@ -15,27 +15,25 @@ from __future__ import annotations
 import fnmatch
 import inspect
 import logging
-import sys
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import torch
-import torchvision
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from gnlightning.layers.batchnorm_xd import BatchNormXd
-from gnlightning.layers.create_norm import create_norm, resolve_norm_name
+from gnlightning.layers.create_norm import create_norm, entry_groups, resolve_norm_name
 from gnlightning.layers.frozen_bn import FrozenBatchNorm2d
 from gnlightning.layers.group_norm import (MIN_VALUES_PER_GROUP, GroupSizeCheck, degenerate_message, feature_groups,
                                            resolve_num_groups)
 from gnlightning.layers.norm_act import SyncBatchNormAct
+from gnlightning.layers.registry import REGISTRY, LayerOptions, norm_kind, timm_layers
 from gnlightning.layers.sync_batchnorm import SyncBatchNorm
 from gnlightning.layers.ws_conv import WSConv2d
 
-__all__ = ["convert_norms", "revert_sync_batchnorm", "describe_norms", "NormRow", "NormTable", "ConversionReport",
+__all__ = ["convert_norms", "convert_with_report", "revert_sync_batchnorm", "describe_norms", "NormRow", "NormTable", "ConversionReport",
            "NormConversionWarning"]
 
 log = logging.getLogger("gnlightning")
@@ -51,48 +49,13 @@ class NormConversionWarning(UserWarning):
     """A conversion that did not do all it was asked, or built a layer that cannot normalize well."""
 
 
-def _timm_layers():
-    """timm's layers module if timm is already imported (a model holding timm layers has imported it), else None.
-
-    Checking ``sys.modules`` keeps ``convert_norms`` from importing timm (slow, optional) for models that cannot
-    contain its layers."""
-    if "timm" not in sys.modules:
-        return None
-    import timm.layers
-
-    return timm.layers
-
-
-def _frozen_types() -> tuple[type, ...]:
-    types: tuple[type, ...] = (torchvision.ops.FrozenBatchNorm2d,)
-    timm_layers = _timm_layers()
-    if timm_layers is not None:
-        # timm freezes with torchvision's class, except for its fused FrozenBatchNormAct2d
-        types += tuple(getattr(timm_layers, name) for name in ("FrozenBatchNormAct2d",) if hasattr(timm_layers, name))
-    return types
-
-
 def _ws_types() -> tuple[type, ...]:
     """Convolutions that already standardize their weights."""
     types: tuple[type, ...] = (WSConv2d,)
-    timm_layers = _timm_layers()
-    if timm_layers is not None:
-        types += (timm_layers.StdConv2d, timm_layers.ScaledStdConv2d)
+    layers = timm_layers()
+    if layers is not None:
+        types += (layers.StdConv2d, layers.ScaledStdConv2d)
     return types
-
-
-def norm_kind(module: nn.Module) -> str | None:
-    """``"bn"``, ``"frozen_bn"`` or ``"gn"`` for a layer convert_norms can replace, else None.
-
-    LayerNorm over the channel axis of each position (transformers, ConvNeXt's LayerNorm2d) is not the GN
-    paper's LN (one group over C, H, W) and is left alone."""
-    if isinstance(module, _BatchNorm):
-        return "bn"
-    if isinstance(module, _frozen_types()):
-        return "frozen_bn"
-    if isinstance(module, nn.GroupNorm):
-        return "gn"
-    return None
 
 
 def _has_act(module: nn.Module) -> bool:
@@ -119,6 +82,9 @@ class _Source:
     @classmethod
     def read(cls, name: str, module: nn.Module, kind: str) -> "_Source":
         bias = getattr(module, "bias", None) is not None
+        if kind in ("evonorm_s0", "frn"):  # timm's layers: always a weight and a bias, no statistics
+            return cls(name, module, kind, module.weight.shape[0], module.eps, True, True, 0.1, True, nn.BatchNorm2d,
+                       getattr(module, "groups", None))
         if kind == "gn":
             return cls(name, module, kind, module.num_channels, module.eps, module.affine, bias, 0.1, True, None,
                        module.num_groups)
@@ -226,9 +192,9 @@ def _is_target(source: _Source, norm: str, groups: int | None) -> bool:
         return source.kind == "bn" and not isinstance(module, _SYNC_BN)
     if norm == "syncbn":
         return isinstance(module, SyncBatchNorm)
-    if norm == "frozen_bn":
-        return source.kind == "frozen_bn"
-    return source.kind == "gn" and source.groups == groups
+    if norm in ("gn", "ln", "in"):
+        return source.kind == "gn" and source.groups == groups
+    return source.kind == norm and source.groups == groups
 
 
 def _feeds_features(previous: nn.Module | None, source: _Source) -> bool:
@@ -240,15 +206,23 @@ def _feeds_features(previous: nn.Module | None, source: _Source) -> bool:
 
 
 def _target_groups(source: _Source, norm: str, options: dict, features: bool) -> int | None:
-    if norm in ("bn", "syncbn", "frozen_bn"):
-        return None
-    if norm == "ln":
-        return 1
-    if norm == "in":
-        return source.channels
-    resolve = feature_groups if features else resolve_num_groups
-    return resolve(source.channels, options["num_groups"], options["group_size"], strict=options["strict"],
-                   layer_name=source.name)
+    return entry_groups(REGISTRY[norm], source.channels, options["num_groups"], options["group_size"],
+                        options["strict"], source.name, policy=feature_groups if features else resolve_num_groups)
+
+
+def _why_unfit(source: _Source, norm: str) -> str | None:
+    """Why ``norm`` cannot replace this layer without changing what it is, or None."""
+    entry = REGISTRY[norm]
+    if norm == "frozen_bn" and getattr(source.module, "running_mean", None) is None:
+        return "no running statistics to freeze"
+    source_class = source.bn_class or type(source.module)
+    if entry.spatial_only and source.kind == "bn" and not issubclass(source_class, nn.BatchNorm2d):
+        return f"{norm} takes (N, C, H, W) input only"
+    if entry.always_affine and not (source.affine and source.bias):
+        return f"{norm} would add a learnt scale and shift"
+    if entry.always_affine and _has_act(source.module):
+        return f"{norm} has no form that keeps a fused activation"
+    return None
 
 
 # Why a skip happened -> what the user can do about it.
@@ -259,6 +233,16 @@ _SKIP_FIXES = {
     "not a plain Conv2d": (
         "Weight Standardization replaces nn.Conv2d only (a subclass's own forward would be lost); leave these "
         "convolutions out with exclude=, or pass ws=False"),
+    "takes (N, C, H, W) input only": (
+        "timm's EvoNorm-S0 and FRN layers normalize 2-d feature maps only; use gn or ln for 1-d / 3-d layers, or "
+        "leave them out with exclude="),
+    "has no form that keeps a fused activation": (
+        "timm's norm+act layers (BatchNormAct2d, GroupNormAct) convert to bn, syncbn, frozen_bn and the GN family; "
+        "build the model with EvoNorm / FRN as its norm_layer instead (get_norm_layer), or leave them out with "
+        "exclude="),
+    "would add a learnt scale and shift": (
+        "the source layer has no affine scale or shift (affine=False / bias=False), which this norm always learns; "
+        "use gn or ln, or leave these layers out with exclude="),
 }
 
 
@@ -267,14 +251,13 @@ def _skip_warnings(norm: str, module: nn.Module, report: ConversionReport, stric
     by_reason: dict[str, list[str]] = {}
     for name, reason in report.skipped:
         if reason not in _INTENDED_SKIPS:
-            key = "not a plain Conv2d" if reason.endswith("is not a plain Conv2d") else reason
-            by_reason.setdefault(key, []).append(f"{name!r} ({type(module.get_submodule(name)).__name__})")
+            by_reason.setdefault(reason, []).append(f"{name!r} ({type(module.get_submodule(name)).__name__})")
     for reason, layers in by_reason.items():
         nothing = "nothing to freeze, the model is unchanged: " if (
             norm == "frozen_bn" and not report.converted and not report.unchanged) else ""
         shown = ", ".join(layers[:5]) + (f" and {len(layers) - 5} more" if len(layers) > 5 else "")
         message = (f"convert_norms({norm!r}): {nothing}left {len(layers)} layer(s) as they are ({reason}): {shown}. "
-                   f"{_SKIP_FIXES.get(reason, '')}")
+                   f"{next((fix for key, fix in _SKIP_FIXES.items() if reason.endswith(key)), '')}")
         if strict:
             raise ValueError(message + " (raised because strict=True; the model is unchanged)")
         report.warnings.append(message)
@@ -288,10 +271,10 @@ def _build(source: _Source, norm: str, groups: int | None, options: dict) -> nn.
                "dtype": None if reference is None else reference.dtype}
     eps = options["eps"] if options["eps"] is not None else source.eps
     fused = _has_act(old)
-    timm_layers = _timm_layers() if fused else None
+    layers = timm_layers("a fused norm+act layer") if fused else None
     if norm == "bn":
         if fused:
-            new = timm_layers.BatchNormAct2d(source.channels, eps=eps, momentum=source.momentum, affine=source.affine,
+            new = layers.BatchNormAct2d(source.channels, eps=eps, momentum=source.momentum, affine=source.affine,
                                              track_running_stats=source.track_running_stats, apply_act=False,
                                              **factory)
         else:
@@ -306,18 +289,18 @@ def _build(source: _Source, norm: str, groups: int | None, options: dict) -> nn.
         new._source_class = source.bn_class
     elif norm == "frozen_bn":
         if fused:
-            new = timm_layers.FrozenBatchNormAct2d(source.channels, eps=eps, apply_act=False, **factory)
+            new = layers.FrozenBatchNormAct2d(source.channels, eps=eps, apply_act=False, **factory)
         else:
             new = FrozenBatchNorm2d(source.channels, eps=eps, **factory)
         new._source_class = source.bn_class
         new._source_momentum = source.momentum
         new._source_affine, new._source_bias = source.affine, source.bias
-    elif fused:
-        new = timm_layers.GroupNormAct(source.channels, num_groups=groups, eps=eps, affine=source.affine,
+    elif fused and norm in ("gn", "ln", "in"):
+        new = layers.GroupNormAct(source.channels, num_groups=groups, eps=eps, affine=source.affine,
                                        apply_act=False, **factory)
-    else:
-        new = create_norm("gn", source.channels, num_groups=groups, eps=eps, affine=source.affine, bias=source.bias,
-                          **factory)
+    else:  # fused sources never get here (see _why_unfit)
+        new = REGISTRY[norm].build(source.channels, groups,
+                                   LayerOptions(eps=eps, affine=source.affine, bias=source.bias, **factory))
     if fused:
         new.act, new.drop = old.act, old.drop
     _carry_state(old, new)
@@ -352,10 +335,13 @@ def _carry_state(old: nn.Module, new: nn.Module) -> None:
                 new._buffers[name] = value
 
 
-def _convert(module: nn.Module, norm: str, options: dict[str, Any],
-             only: tuple[type, ...] | None = None) -> tuple[nn.Module, ConversionReport]:
-    """convert_norms' implementation: ``options`` are its keyword arguments (unknown ones raise TypeError);
-    ``only`` restricts the source layers (SyncBatchNormPlugin converts BatchNorm only)."""
+def convert_with_report(module: nn.Module, norm: str, options: dict[str, Any] | None = None,
+                        only: tuple[type, ...] | None = None) -> tuple[nn.Module, ConversionReport]:
+    """:func:`convert_norms` for callers that show its outcome themselves (NormSwap logs it once per run, on rank 0):
+    the converted root and the :class:`ConversionReport`, with nothing logged or warned. ``options`` are
+    convert_norms' keyword arguments (unknown ones raise TypeError); ``only`` restricts the source layers to these
+    classes (SyncBatchNormPlugin converts BatchNorm only)."""
+    options = options or {}
     bound = inspect.signature(convert_norms).bind(module, norm, **options)
     bound.apply_defaults()
     num_groups, group_size, strict, ws, ws_eps, eps, include, exclude, process_group = (
@@ -402,12 +388,12 @@ def _convert(module: nn.Module, norm: str, options: dict[str, Any],
         if only is not None and not isinstance(child, only):
             continue
         reason = scope.why_not(name)
-        if reason is None and target == "frozen_bn" and getattr(child, "running_mean", None) is None:
-            reason = "no running statistics to freeze"
+        source = _Source.read(name, child, kind)
+        if reason is None:
+            reason = _why_unfit(source, target)
         if reason is not None:
             report.skipped.append((name, reason))
             continue
-        source = _Source.read(name, child, kind)
         previous = order[-2][1] if len(order) > 1 else None
         if isinstance(previous, nn.Conv2d) and previous.out_channels == source.channels:
             ws_candidates.append(order[-2])
@@ -535,7 +521,7 @@ def convert_norms(
     values per group at its first forward.
     """
     options = {key: value for key, value in locals().items() if key not in ("module", "norm")}
-    converted, report = _convert(module, norm, options)
+    converted, report = convert_with_report(module, norm, options)
     log.info("convert_norms(%s): %s", report.norm, report)
     for message in report.warnings:
         warnings.warn(message, NormConversionWarning, stacklevel=2)
@@ -549,7 +535,7 @@ def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
     rank-agnostic ``BatchNormXd`` is used. Values, training mode and names are kept exactly."""
     if not any(isinstance(m, _SYNC_BN) for m in module.modules()):
         return module
-    converted, report = _convert(module, "bn", {}, only=_SYNC_BN)
+    converted, report = convert_with_report(module, "bn", only=_SYNC_BN)
     log.debug("revert_sync_batchnorm: %s", report)
     return converted
 
