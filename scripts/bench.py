@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""gnlightning's performance targets (GitHub issue #7), measured in one run and reported as one table of ratios.
+"""gnlightning's performance targets, measured in one run and reported as one table of ratios.
 
 Why: every norm the package offers comes with a cost claim -- Weight Standardization is nearly free, SyncBN's
 synchronization is cheap, convert_norms is instant next to building the model, GN+WS barely adds memory. Absolute
@@ -1165,7 +1165,7 @@ def render(command: str, machine: dict, load: tuple[float | None, float | None],
     ratios = [ratio for section in sections for ratio in section.ratios]
     targeted = [ratio for ratio in ratios if ratio.target is not None]
     misses = [ratio for ratio in targeted if not ratio.passed]
-    lines = ["# gnlightning benchmark (issue #7)", "", f"`{command}`", ""]
+    lines = ["# gnlightning benchmark", "", f"`{command}`", ""]
     lines.append(
         f"Machine: {machine['cpu']}, {machine['logical_cpus']} logical CPUs, {machine['system']}; torch "
         f"{machine['torch']} with {machine['threads']} threads (torch.get_num_threads()); python {machine['python']}"
