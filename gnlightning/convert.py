@@ -335,139 +335,195 @@ def _carry_state(old: nn.Module, new: nn.Module) -> None:
                 new._buffers[name] = value
 
 
-def convert_with_report(module: nn.Module, norm: str, options: dict[str, Any] | None = None,
-                        only: tuple[type, ...] | None = None) -> tuple[nn.Module, ConversionReport]:
-    """:func:`convert_norms` for callers that show its outcome themselves (NormSwap logs it once per run, on rank 0):
-    the converted root and the :class:`ConversionReport`, with nothing logged or warned. ``options`` are
-    convert_norms' keyword arguments (unknown ones raise TypeError); ``only`` restricts the source layers to these
-    classes (SyncBatchNormPlugin converts BatchNorm only)."""
-    options = options or {}
-    bound = inspect.signature(convert_norms).bind(module, norm, **options)
-    bound.apply_defaults()
-    num_groups, group_size, strict, ws, ws_eps, eps, include, exclude, process_group = (
-        bound.arguments[key] for key in ("num_groups", "group_size", "strict", "ws", "ws_eps", "eps", "include",
-                                         "exclude", "process_group"))
-    norm = resolve_norm_name(norm)
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"convert_norms expects an nn.Module, got {type(module).__name__}")
-    if ws is None:
-        ws = "auto" if norm == "gn_ws" else False
-    if ws not in (True, False, "auto"):
-        raise ValueError(f"ws must be 'auto', True or False, got {ws!r}")
-    if norm == "syncbn" and group_size is not None:
-        if process_group is not None:
-            raise ValueError("pass either process_group or group_size for syncbn, not both")
-        from gnlightning.distributed import is_distributed, new_consecutive_groups
+@dataclass(frozen=True)
+class _Request:
+    """convert_norms' keyword arguments, checked and resolved once (the target name, ws's default, syncbn's
+    consecutive-rank groups); the planning functions below read only this."""
 
-        if not is_distributed():
-            raise ValueError(
-                f"syncbn with group_size={group_size} needs an initialised torch.distributed process group; convert "
-                "inside each training process (SyncBatchNormPlugin(group_size=...) does this under Lightning DDP)"
-            )
-        process_group, group_size = new_consecutive_groups(group_size), None
-    target = "gn" if norm == "gn_ws" else norm
-    options = {"num_groups": num_groups, "group_size": group_size, "strict": strict, "eps": eps,
-               "process_group": process_group}
-    report = ConversionReport(norm)
-    scope = _Scope(include, exclude)
+    norm: str
+    target: str  # the norm layers' kind: gn_ws's is gn (its WS half lives in the convolutions)
+    num_groups: int | None
+    group_size: int | None
+    strict: bool
+    ws: bool | str
+    ws_eps: float
+    eps: float | None
+    include: Any
+    exclude: Any
+    process_group: Any
 
-    # Phase 1: plan. Nothing below mutates `module`.
-    replacements: dict[str, nn.Module] = {}
-    resync: list[SyncBatchNorm] = []
-    ws_candidates: list[tuple[str, nn.Module]] = []
-    order: list[tuple[str, nn.Module]] = []
+    @classmethod
+    def bind(cls, module: nn.Module, norm: str, options: dict[str, Any]) -> "_Request":
+        bound = inspect.signature(convert_norms).bind(module, norm, **options)  # unknown options: TypeError
+        bound.apply_defaults()
+        arguments = {key: value for key, value in bound.arguments.items() if key not in ("module", "norm")}
+        norm = resolve_norm_name(norm)
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"convert_norms expects an nn.Module, got {type(module).__name__}")
+        if arguments["ws"] is None:
+            arguments["ws"] = "auto" if norm == "gn_ws" else False
+        if arguments["ws"] not in (True, False, "auto"):
+            raise ValueError(f"ws must be 'auto', True or False, got {arguments['ws']!r}")
+        if norm == "syncbn" and arguments["group_size"] is not None:
+            arguments["process_group"] = _consecutive_group(arguments["group_size"], arguments["process_group"])
+            arguments["group_size"] = None
+        return cls(norm=norm, target="gn" if norm == "gn_ws" else norm, **arguments)
+
+    @property
+    def build_options(self) -> dict[str, Any]:
+        return {"num_groups": self.num_groups, "group_size": self.group_size, "strict": self.strict, "eps": self.eps,
+                "process_group": self.process_group}
+
+
+def _consecutive_group(group_size: int, process_group: Any) -> Any:
+    """syncbn's ``group_size``: the group of that many consecutive ranks that holds this one."""
+    if process_group is not None:
+        raise ValueError("pass either process_group or group_size for syncbn, not both")
+    from gnlightning.distributed import is_distributed, new_consecutive_groups
+
+    if not is_distributed():
+        raise ValueError(
+            f"syncbn with group_size={group_size} needs an initialised torch.distributed process group; convert "
+            "inside each training process (SyncBatchNormPlugin(group_size=...) does this under Lightning DDP)"
+        )
+    return new_consecutive_groups(group_size)
+
+
+@dataclass
+class _Plan:
+    """What phase 1 decided: new modules by dotted name, SyncBN layers to move to the requested group, and what the
+    WS pass needs (each convolution right before a converted norm layer)."""
+
+    replacements: dict[str, nn.Module] = field(default_factory=dict)
+    resync: list[SyncBatchNorm] = field(default_factory=list)
+    ws_candidates: list[tuple[str, nn.Module]] = field(default_factory=list)
+    norm_names: list[str] = field(default_factory=list)  # every norm layer of the model, in scope or not
+
+
+def _plan_norm(name: str, child: nn.Module, kind: str, previous: tuple[str, nn.Module] | None, request: _Request,
+               scope: _Scope, plan: _Plan, report: ConversionReport) -> None:
+    """Plan the replacement of one norm layer (or record why it stays)."""
+    source = _Source.read(name, child, kind)
+    reason = scope.why_not(name) or _why_unfit(source, request.target)
+    if reason is not None:
+        report.skipped.append((name, reason))
+        return
+    previous_name, previous_module = previous or ("", None)
+    if isinstance(previous_module, nn.Conv2d) and previous_module.out_channels == source.channels:
+        plan.ws_candidates.append((previous_name, previous_module))
+    features = _feeds_features(previous_module, source)
+    groups = _target_groups(source, request.target, request.build_options, features)
+    if _is_target(source, request.target, groups):
+        report.unchanged += 1
+        if request.target == "syncbn" and request.process_group is not None:
+            plan.resync.append(child)
+        return
+    new = _build(source, request.target, groups, request.build_options)
+    if groups is not None and features:  # (N, C) input: the values per group are known now
+        values = source.channels // groups
+        if values < MIN_VALUES_PER_GROUP:
+            message = degenerate_message(name, values, groups, source.channels,
+                                         f"(N, {source.channels}) features after {previous_name!r}")
+            if request.strict:
+                raise ValueError(message + " (raised because strict=True; the model is unchanged)")
+            report.warnings.append(message)
+    elif groups is not None:  # depends on the input's spatial size: checked at the first forward
+        new.register_forward_pre_hook(GroupSizeCheck(name, request.strict))
+    plan.replacements[name] = new
+    report.converted[(type(child).__name__, type(new).__name__)] += 1
+
+
+def _plan_norms(module: nn.Module, request: _Request, scope: _Scope, only: tuple[type, ...] | None,
+                report: ConversionReport) -> _Plan:
+    """Walk the model in registration order (each norm layer sees the module registered before it, for WS and for
+    ``(N, C)`` features) and plan every norm layer's replacement."""
+    plan = _Plan()
+    previous: tuple[str, nn.Module] | None = None
     last_norm: str | None = None
     for name, child in module.named_modules():
         if last_norm is not None and (last_norm == "" or name.startswith(last_norm + ".")):
             continue  # the act / drop children of a fused norm layer
-        order.append((name, child))
         kind = norm_kind(child)
-        if kind is None:
-            continue
-        last_norm = name
-        if only is not None and not isinstance(child, only):
-            continue
-        reason = scope.why_not(name)
-        source = _Source.read(name, child, kind)
-        if reason is None:
-            reason = _why_unfit(source, target)
-        if reason is not None:
-            report.skipped.append((name, reason))
-            continue
-        previous = order[-2][1] if len(order) > 1 else None
-        if isinstance(previous, nn.Conv2d) and previous.out_channels == source.channels:
-            ws_candidates.append(order[-2])
-        features = _feeds_features(previous, source)
-        groups = _target_groups(source, target, options, features)
-        if _is_target(source, target, groups):
-            report.unchanged += 1
-            if target == "syncbn" and process_group is not None:
-                resync.append(child)
-            continue
-        new = _build(source, target, groups, options)
-        if groups is not None and features:  # (N, C) input: the values per group are known now
-            values = source.channels // groups
-            if values < MIN_VALUES_PER_GROUP:
-                message = degenerate_message(name, values, groups, source.channels,
-                                             f"(N, {source.channels}) features after {order[-2][0]!r}")
-                if strict:
-                    raise ValueError(message + " (raised because strict=True; the model is unchanged)")
-                report.warnings.append(message)
-        elif groups is not None:  # depends on the input's spatial size: checked at the first forward
-            new.register_forward_pre_hook(GroupSizeCheck(name, strict))
-        replacements[name] = new
-        report.converted[(type(child).__name__, type(new).__name__)] += 1
+        if kind is not None:
+            last_norm = name
+            plan.norm_names.append(name)
+            if only is None or isinstance(child, only):
+                _plan_norm(name, child, kind, previous, request, scope, plan, report)
+        previous = (name, child)
+    return plan
 
-    conv_names: list[str] = []
-    if ws:
-        in_scope = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Conv2d) and scope.why_not(n) is None]
-        pool = ws_candidates if ws == "auto" else in_scope
-        already, ws_types = 0, _ws_types()
-        for name, conv in pool:
-            if isinstance(conv, ws_types) or scope.why_not(name) is not None:
-                already += isinstance(conv, ws_types)
-                continue
-            if type(conv) is not nn.Conv2d:  # e.g. timm's Conv2dSame: its forward would be lost
-                report.skipped.append((name, f"{type(conv).__name__} is not a plain Conv2d"))
-                continue
-            replacements[name] = WSConv2d.from_conv(conv, eps=ws_eps)
-            conv_names.append(name)
-        if not conv_names and not already:
-            no_ws = "ws=False" + (" (or norm='gn', GroupNorm without WS)" if norm == "gn_ws" else "")
-            if ws is True or not in_scope:
-                # WS standardizes convolution filters: asked for explicitly with no convolution to act on, the
-                # request cannot be what the user meant (e.g. an MLP, or include/exclude leaving out every conv).
-                message = (f"convert_norms({norm!r}, ws={ws!r}): Weight Standardization needs an nn.Conv2d to wrap, "
-                           f"but {type(module).__name__} has no Conv2d in scope of the conversion; pass {no_ws}, "
-                           "or widen include / exclude if the convolutions were left out")
-                if ws is True:
-                    raise ValueError(message)
-            else:
-                message = (f"convert_norms({norm!r}, ws='auto'): no plain nn.Conv2d right before a converted norm "
-                           f"layer (with matching channels) to wrap with Weight Standardization, though "
-                           f"{len(in_scope)} Conv2d are in scope; pass ws=True to wrap every Conv2d in scope, or "
-                           f"{no_ws} for no WS")
-            if last_norm is not None:  # a model without any norm layer gets the one warning below
-                report.warnings.append(message)
-        report.wrapped = len(conv_names)
 
-    if last_norm is None:
-        report.warnings.append(
-            f"convert_norms({norm!r}): {type(module).__name__} has no BatchNorm, SyncBatchNorm, FrozenBatchNorm2d or "
-            "GroupNorm layer; returning it unchanged")
-    _skip_warnings(norm, module, report, strict)
-    scope.warn_unused([name for name, child in order if norm_kind(child) is not None])
+def _plan_ws(module: nn.Module, request: _Request, scope: _Scope, plan: _Plan, report: ConversionReport) -> None:
+    """Plan Weight Standardization: ``"auto"`` wraps the convolutions right before converted norm layers, ``True``
+    every plain Conv2d in scope; a request with nothing to wrap warns (or raises, for an explicit ``True``)."""
+    in_scope = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Conv2d) and scope.why_not(n) is None]
+    pool = plan.ws_candidates if request.ws == "auto" else in_scope
+    already, ws_types = 0, _ws_types()
+    for name, conv in pool:
+        if isinstance(conv, ws_types) or scope.why_not(name) is not None:
+            already += isinstance(conv, ws_types)
+            continue
+        if type(conv) is not nn.Conv2d:  # e.g. timm's Conv2dSame: its forward would be lost
+            report.skipped.append((name, f"{type(conv).__name__} is not a plain Conv2d"))
+            continue
+        plan.replacements[name] = WSConv2d.from_conv(conv, eps=request.ws_eps)
+        report.wrapped += 1
+    if report.wrapped or already:
+        return
+    norm, ws = request.norm, request.ws
+    no_ws = "ws=False" + (" (or norm='gn', GroupNorm without WS)" if norm == "gn_ws" else "")
+    if ws is True or not in_scope:
+        # WS standardizes convolution filters: asked for explicitly with no convolution to act on, the request
+        # cannot be what the user meant (e.g. an MLP, or include/exclude leaving out every conv).
+        message = (f"convert_norms({norm!r}, ws={ws!r}): Weight Standardization needs an nn.Conv2d to wrap, "
+                   f"but {type(module).__name__} has no Conv2d in scope of the conversion; pass {no_ws}, "
+                   "or widen include / exclude if the convolutions were left out")
+        if ws is True:
+            raise ValueError(message)
+    else:
+        message = (f"convert_norms({norm!r}, ws='auto'): no plain nn.Conv2d right before a converted norm "
+                   f"layer (with matching channels) to wrap with Weight Standardization, though "
+                   f"{len(in_scope)} Conv2d are in scope; pass ws=True to wrap every Conv2d in scope, or "
+                   f"{no_ws} for no WS")
+    if plan.norm_names:  # a model without any norm layer gets the one warning of convert_with_report
+        report.warnings.append(message)
 
-    # Phase 2: apply. Plain attribute assignments; nothing here can fail half way.
-    for layer in resync:
+
+def _apply(module: nn.Module, plan: _Plan, process_group: Any) -> nn.Module:
+    """Phase 2: plain attribute assignments, which cannot fail half way. Returns the (possibly new) root."""
+    for layer in plan.resync:
         layer.process_group = process_group
-    for name, new in replacements.items():
+    for name, new in plan.replacements.items():
         if name == "":
             module = new
             continue
         parent_name, _, attr = name.rpartition(".")
         setattr(module.get_submodule(parent_name), attr, new)
-    return module, report
+    return module
+
+
+def convert_with_report(module: nn.Module, norm: str, options: dict[str, Any] | None = None,
+                        only: tuple[type, ...] | None = None) -> tuple[nn.Module, ConversionReport]:
+    """:func:`convert_norms` for callers that show its outcome themselves (NormSwap logs it once per run, on rank 0):
+    the converted root and the :class:`ConversionReport`, with nothing logged or warned. ``options`` are
+    convert_norms' keyword arguments (unknown ones raise TypeError); ``only`` restricts the source layers to these
+    classes (SyncBatchNormPlugin converts BatchNorm only).
+
+    Phase 1 plans every replacement without touching ``module`` (errors leave it as it was); phase 2 applies them.
+    """
+    request = _Request.bind(module, norm, options or {})
+    report = ConversionReport(request.norm)
+    scope = _Scope(request.include, request.exclude)
+    plan = _plan_norms(module, request, scope, only, report)
+    if request.ws:
+        _plan_ws(module, request, scope, plan, report)
+    if not plan.norm_names:
+        report.warnings.append(
+            f"convert_norms({request.norm!r}): {type(module).__name__} has no BatchNorm, SyncBatchNorm, "
+            "FrozenBatchNorm2d, GroupNorm, EvoNorm or FRN layer; returning it unchanged")
+    _skip_warnings(request.norm, module, report, request.strict)
+    scope.warn_unused(plan.norm_names)
+    return _apply(module, plan, request.process_group), report
 
 
 def convert_norms(
