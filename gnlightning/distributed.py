@@ -39,9 +39,9 @@ __all__ = [
 #: The one switch for the host-local loopback channel (:mod:`gnlightning.host_all_reduce`): ``1`` in the environment
 #: of every rank (e.g. ``GNLIGHTNING_HOST_ALL_REDUCE=1 torchrun ...``) sends small CPU collectives between ranks of
 #: one host over it. Off by default, so every collective is a plain torch.distributed one on every backend: CPU
-#: multi-process training is a test setting, GPUs use NCCL, and gloo meets SyncBN's cost target from ResNet width 128
-#: on its own (docs/bench). The channel pays off only for narrow CPU layers (width 32-64 on 2 processes: 1.1-1.2x BN
-#: instead of 1.2-1.4x). All ranks must agree on it, as on any collective.
+#: multi-process training is a test setting, GPUs use NCCL, and gloo meets SyncBN's cost target at ResNet widths on
+#: its own (docs/bench). The channel pays off only for narrow CPU layers. All ranks must agree on it, as on any
+#: collective.
 HOST_CHANNEL_ENV = "GNLIGHTNING_HOST_ALL_REDUCE"
 
 # torch.distributed.ProcessGroup only exists when torch was built with distributed support, so the annotations
@@ -131,7 +131,7 @@ def all_reduce_sum(tensor: torch.Tensor, group: ProcessGroup | None = None) -> t
 
     It is ``torch.distributed.all_reduce``. Where :data:`HOST_CHANNEL_ENV` opts in, small CPU tensors in a group
     whose ranks share this host go through :mod:`gnlightning.host_all_reduce` instead (loopback TCP from the calling
-    thread: 20-40 us instead of gloo's 0.1-4 ms thread hand-offs). That choice depends only on the switch, the
+    thread, a fraction of gloo's thread hand-offs). That choice depends only on the switch, the
     device, the size and the group, which all ranks share, so they always take the same transport.
     """
     if tensor.is_cpu and tensor.nbytes <= MAX_BYTES and host_channel_enabled():

@@ -72,13 +72,11 @@ def _local_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
     the activations; the cross-rank combination in :func:`_SyncBatchNormFunction.forward` only has to handle the
     spread *between* ranks.
 
-    On CPU, torch's fused statistics kernel (the one nn.BatchNorm uses) runs a per-channel Welford loop that is
-    fast on channels_last input but 1.1-4x slower than two summations on contiguous NCHW once there are at least
-    512 values per channel and 16K in all (measured on float32, one thread: (2, 32, 16, 16) 40 vs 35 us,
-    (2, 16, 32, 32) 76 vs 39 us, (2, 32..128, 64, 64) 2.5-4x). There the textbook two-pass algorithm is used
-    instead: the mean, then the mean of squared deviations from it -- as accurate (~1e-7 relative against float64)
-    at the price of one temporary the size of the input. Smaller inputs keep the fused kernel, whose fixed cost is
-    lower (e.g. (2, 16, 16, 16): 23 vs 31 us; (2, 512, 4, 4): 43 vs 85 us).
+    On CPU, torch's fused statistics kernel (the one nn.BatchNorm uses) runs a per-channel Welford loop that is fast
+    on channels_last input but slower than two summations on contiguous NCHW once planes are large. There the
+    textbook two-pass algorithm is used instead: the mean, then the mean of squared deviations from it -- as
+    accurate (~1e-7 relative against float64) at the price of a temporary. Smaller inputs keep the fused kernel,
+    whose fixed cost is lower. The crossover (the constants above) was measured with scripts/bench_syncbn.py.
 
     On large inputs (a segmentation backbone's activations run to tens of MB) that temporary is built a block of
     channels at a time instead: one the size of the input would leave the cache between its write and its reads,
