@@ -427,7 +427,8 @@ def _plan_norm(name: str, child: nn.Module, kind: str, previous: tuple[str, nn.M
             if request.strict:
                 raise ValueError(message + " (raised because strict=True; the model is unchanged)")
             report.warnings.append(message)
-    elif groups is not None:  # depends on the input's spatial size: checked at the first forward
+    elif groups is not None or request.target == "frn":  # depends on the input's spatial size: checked at the
+        # first forward (FRN normalizes each channel over H x W: on 1x1 maps it only keeps the sign)
         new.register_forward_pre_hook(GroupSizeCheck(name, request.strict))
     plan.replacements[name] = new
     report.converted[(type(child).__name__, type(new).__name__)] += 1

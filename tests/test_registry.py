@@ -137,6 +137,13 @@ def test_evonorm_groups_are_checked_at_the_first_forward(caplog) -> None:
     assert "normalizes only 2 value(s) per group" in caplog.text and "'1'" in caplog.text
 
 
+def test_frn_on_1x1_maps_is_loud(caplog) -> None:
+    net = convert_norms(nn.Sequential(nn.Conv2d(3, 16, 1), nn.BatchNorm2d(16)), "frn")
+    with caplog.at_level("WARNING", logger="gnlightning"):
+        net(torch.randn(2, 3, 1, 1))
+    assert "normalizes only 1 value(s) per group" in caplog.text and "'1'" in caplog.text
+
+
 def test_round_trip_back_to_bn_keeps_the_affine_values_and_classes() -> None:
     net = _net()
     with torch.no_grad():

@@ -133,9 +133,9 @@ class GroupSizeCheck:
         x = args[0] if args else None
         if x is None or x.dim() < 2 or x.numel() == 0:
             return
-        # nn.GroupNorm's names, else timm's EvoNorm-S0 (groups, and channels as its weight's length)
-        groups = getattr(module, "num_groups", None) or module.groups
+        # nn.GroupNorm's names, else timm's EvoNorm-S0 (groups) or FRN (one group per channel, over H x W)
         channels = getattr(module, "num_channels", None) or module.weight.shape[0]
+        groups = getattr(module, "num_groups", None) or getattr(module, "groups", None) or channels
         values = channels // groups
         for size in x.shape[2:]:
             values *= size
