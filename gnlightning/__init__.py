@@ -15,7 +15,7 @@ from typing import Any
 
 from gnlightning.convert import convert_norms, describe_norms, revert_sync_batchnorm
 from gnlightning.export import prepare_for_export
-from gnlightning.layers import FrozenBatchNorm2d, SyncBatchNorm, WSConv2d
+from gnlightning.layers import FrozenBatchNorm2d, SyncBatchNorm, WSConv2d, create_norm, get_norm_layer
 from gnlightning.log import install as _install_logging
 
 _install_logging()  # every entry point imports this package first; nothing above logs at import
@@ -31,7 +31,7 @@ _LAZY = {
 }
 
 __all__ = [
-    "convert_norms", "describe_norms", "prepare_for_export", "revert_sync_batchnorm",
+    "convert_norms", "create_norm", "describe_norms", "get_norm_layer", "prepare_for_export", "revert_sync_batchnorm",
     "FrozenBatchNorm2d", "SyncBatchNorm", "WSConv2d",
     *_LAZY,
 ]

@@ -15,27 +15,25 @@ from __future__ import annotations
 import fnmatch
 import inspect
 import logging
-import sys
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import torch
-import torchvision
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from gnlightning.layers.batchnorm_xd import BatchNormXd
-from gnlightning.layers.create_norm import create_norm, resolve_norm_name
+from gnlightning.layers.create_norm import create_norm, entry_groups, resolve_norm_name
 from gnlightning.layers.frozen_bn import FrozenBatchNorm2d
 from gnlightning.layers.group_norm import (MIN_VALUES_PER_GROUP, GroupSizeCheck, degenerate_message, feature_groups,
                                            resolve_num_groups)
 from gnlightning.layers.norm_act import SyncBatchNormAct
+from gnlightning.layers.registry import REGISTRY, LayerOptions, norm_kind, timm_layers
 from gnlightning.layers.sync_batchnorm import SyncBatchNorm
 from gnlightning.layers.ws_conv import WSConv2d
 
-__all__ = ["convert_norms", "revert_sync_batchnorm", "describe_norms", "NormRow", "NormTable", "ConversionReport",
+__all__ = ["convert_norms", "convert_with_report", "revert_sync_batchnorm", "describe_norms", "NormRow", "NormTable", "ConversionReport",
            "NormConversionWarning"]
 
 log = logging.getLogger("gnlightning")
@@ -51,48 +49,13 @@ class NormConversionWarning(UserWarning):
     """A conversion that did not do all it was asked, or built a layer that cannot normalize well."""
 
 
-def _timm_layers():
-    """timm's layers module if timm is already imported (a model holding timm layers has imported it), else None.
-
-    Checking ``sys.modules`` keeps ``convert_norms`` from importing timm (slow, optional) for models that cannot
-    contain its layers."""
-    if "timm" not in sys.modules:
-        return None
-    import timm.layers
-
-    return timm.layers
-
-
-def _frozen_types() -> tuple[type, ...]:
-    types: tuple[type, ...] = (torchvision.ops.FrozenBatchNorm2d,)
-    timm_layers = _timm_layers()
-    if timm_layers is not None:
-        # timm freezes with torchvision's class, except for its fused FrozenBatchNormAct2d
-        types += tuple(getattr(timm_layers, name) for name in ("FrozenBatchNormAct2d",) if hasattr(timm_layers, name))
-    return types
-
-
 def _ws_types() -> tuple[type, ...]:
     """Convolutions that already standardize their weights."""
     types: tuple[type, ...] = (WSConv2d,)
-    timm_layers = _timm_layers()
-    if timm_layers is not None:
-        types += (timm_layers.StdConv2d, timm_layers.ScaledStdConv2d)
+    layers = timm_layers()
+    if layers is not None:
+        types += (layers.StdConv2d, layers.ScaledStdConv2d)
     return types
-
-
-def norm_kind(module: nn.Module) -> str | None:
-    """``"bn"``, ``"frozen_bn"`` or ``"gn"`` for a layer convert_norms can replace, else None.
-
-    LayerNorm over the channel axis of each position (transformers, ConvNeXt's LayerNorm2d) is not the GN
-    paper's LN (one group over C, H, W) and is left alone."""
-    if isinstance(module, _BatchNorm):
-        return "bn"
-    if isinstance(module, _frozen_types()):
-        return "frozen_bn"
-    if isinstance(module, nn.GroupNorm):
-        return "gn"
-    return None
 
 
 def _has_act(module: nn.Module) -> bool:
@@ -119,6 +82,9 @@ class _Source:
     @classmethod
     def read(cls, name: str, module: nn.Module, kind: str) -> "_Source":
         bias = getattr(module, "bias", None) is not None
+        if kind in ("evonorm_s0", "frn"):  # timm's layers: always a weight and a bias, no statistics
+            return cls(name, module, kind, module.weight.shape[0], module.eps, True, True, 0.1, True, nn.BatchNorm2d,
+                       getattr(module, "groups", None))
         if kind == "gn":
             return cls(name, module, kind, module.num_channels, module.eps, module.affine, bias, 0.1, True, None,
                        module.num_groups)
@@ -226,9 +192,9 @@ def _is_target(source: _Source, norm: str, groups: int | None) -> bool:
         return source.kind == "bn" and not isinstance(module, _SYNC_BN)
     if norm == "syncbn":
         return isinstance(module, SyncBatchNorm)
-    if norm == "frozen_bn":
-        return source.kind == "frozen_bn"
-    return source.kind == "gn" and source.groups == groups
+    if norm in ("gn", "ln", "in"):
+        return source.kind == "gn" and source.groups == groups
+    return source.kind == norm and source.groups == groups
 
 
 def _feeds_features(previous: nn.Module | None, source: _Source) -> bool:
@@ -240,15 +206,23 @@ def _feeds_features(previous: nn.Module | None, source: _Source) -> bool:
 
 
 def _target_groups(source: _Source, norm: str, options: dict, features: bool) -> int | None:
-    if norm in ("bn", "syncbn", "frozen_bn"):
-        return None
-    if norm == "ln":
-        return 1
-    if norm == "in":
-        return source.channels
-    resolve = feature_groups if features else resolve_num_groups
-    return resolve(source.channels, options["num_groups"], options["group_size"], strict=options["strict"],
-                   layer_name=source.name)
+    return entry_groups(REGISTRY[norm], source.channels, options["num_groups"], options["group_size"],
+                        options["strict"], source.name, policy=feature_groups if features else resolve_num_groups)
+
+
+def _why_unfit(source: _Source, norm: str) -> str | None:
+    """Why ``norm`` cannot replace this layer without changing what it is, or None."""
+    entry = REGISTRY[norm]
+    if norm == "frozen_bn" and getattr(source.module, "running_mean", None) is None:
+        return "no running statistics to freeze"
+    source_class = source.bn_class or type(source.module)
+    if entry.spatial_only and source.kind == "bn" and not issubclass(source_class, nn.BatchNorm2d):
+        return f"{norm} takes (N, C, H, W) input only"
+    if entry.always_affine and not (source.affine and source.bias):
+        return f"{norm} would add a learnt scale and shift"
+    if entry.always_affine and _has_act(source.module):
+        return f"{norm} has no form that keeps a fused activation"
+    return None
 
 
 # Why a skip happened -> what the user can do about it.
@@ -259,6 +233,16 @@ _SKIP_FIXES = {
     "not a plain Conv2d": (
         "Weight Standardization replaces nn.Conv2d only (a subclass's own forward would be lost); leave these "
         "convolutions out with exclude=, or pass ws=False"),
+    "takes (N, C, H, W) input only": (
+        "timm's EvoNorm-S0 and FRN layers normalize 2-d feature maps only; use gn or ln for 1-d / 3-d layers, or "
+        "leave them out with exclude="),
+    "has no form that keeps a fused activation": (
+        "timm's norm+act layers (BatchNormAct2d, GroupNormAct) convert to bn, syncbn, frozen_bn and the GN family; "
+        "build the model with EvoNorm / FRN as its norm_layer instead (get_norm_layer), or leave them out with "
+        "exclude="),
+    "would add a learnt scale and shift": (
+        "the source layer has no affine scale or shift (affine=False / bias=False), which this norm always learns; "
+        "use gn or ln, or leave these layers out with exclude="),
 }
 
 
@@ -267,14 +251,13 @@ def _skip_warnings(norm: str, module: nn.Module, report: ConversionReport, stric
     by_reason: dict[str, list[str]] = {}
     for name, reason in report.skipped:
         if reason not in _INTENDED_SKIPS:
-            key = "not a plain Conv2d" if reason.endswith("is not a plain Conv2d") else reason
-            by_reason.setdefault(key, []).append(f"{name!r} ({type(module.get_submodule(name)).__name__})")
+            by_reason.setdefault(reason, []).append(f"{name!r} ({type(module.get_submodule(name)).__name__})")
     for reason, layers in by_reason.items():
         nothing = "nothing to freeze, the model is unchanged: " if (
             norm == "frozen_bn" and not report.converted and not report.unchanged) else ""
         shown = ", ".join(layers[:5]) + (f" and {len(layers) - 5} more" if len(layers) > 5 else "")
         message = (f"convert_norms({norm!r}): {nothing}left {len(layers)} layer(s) as they are ({reason}): {shown}. "
-                   f"{_SKIP_FIXES.get(reason, '')}")
+                   f"{next((fix for key, fix in _SKIP_FIXES.items() if reason.endswith(key)), '')}")
         if strict:
             raise ValueError(message + " (raised because strict=True; the model is unchanged)")
         report.warnings.append(message)
@@ -288,10 +271,10 @@ def _build(source: _Source, norm: str, groups: int | None, options: dict) -> nn.
                "dtype": None if reference is None else reference.dtype}
     eps = options["eps"] if options["eps"] is not None else source.eps
     fused = _has_act(old)
-    timm_layers = _timm_layers() if fused else None
+    layers = timm_layers("a fused norm+act layer") if fused else None
     if norm == "bn":
         if fused:
-            new = timm_layers.BatchNormAct2d(source.channels, eps=eps, momentum=source.momentum, affine=source.affine,
+            new = layers.BatchNormAct2d(source.channels, eps=eps, momentum=source.momentum, affine=source.affine,
                                              track_running_stats=source.track_running_stats, apply_act=False,
                                              **factory)
         else:
@@ -306,18 +289,18 @@ def _build(source: _Source, norm: str, groups: int | None, options: dict) -> nn.
         new._source_class = source.bn_class
     elif norm == "frozen_bn":
         if fused:
-            new = timm_layers.FrozenBatchNormAct2d(source.channels, eps=eps, apply_act=False, **factory)
+            new = layers.FrozenBatchNormAct2d(source.channels, eps=eps, apply_act=False, **factory)
         else:
             new = FrozenBatchNorm2d(source.channels, eps=eps, **factory)
         new._source_class = source.bn_class
         new._source_momentum = source.momentum
         new._source_affine, new._source_bias = source.affine, source.bias
-    elif fused:
-        new = timm_layers.GroupNormAct(source.channels, num_groups=groups, eps=eps, affine=source.affine,
+    elif fused and norm in ("gn", "ln", "in"):
+        new = layers.GroupNormAct(source.channels, num_groups=groups, eps=eps, affine=source.affine,
                                        apply_act=False, **factory)
-    else:
-        new = create_norm("gn", source.channels, num_groups=groups, eps=eps, affine=source.affine, bias=source.bias,
-                          **factory)
+    else:  # fused sources never get here (see _why_unfit)
+        new = REGISTRY[norm].build(source.channels, groups,
+                                   LayerOptions(eps=eps, affine=source.affine, bias=source.bias, **factory))
     if fused:
         new.act, new.drop = old.act, old.drop
     _carry_state(old, new)
@@ -352,136 +335,196 @@ def _carry_state(old: nn.Module, new: nn.Module) -> None:
                 new._buffers[name] = value
 
 
-def _convert(module: nn.Module, norm: str, options: dict[str, Any],
-             only: tuple[type, ...] | None = None) -> tuple[nn.Module, ConversionReport]:
-    """convert_norms' implementation: ``options`` are its keyword arguments (unknown ones raise TypeError);
-    ``only`` restricts the source layers (SyncBatchNormPlugin converts BatchNorm only)."""
-    bound = inspect.signature(convert_norms).bind(module, norm, **options)
-    bound.apply_defaults()
-    num_groups, group_size, strict, ws, ws_eps, eps, include, exclude, process_group = (
-        bound.arguments[key] for key in ("num_groups", "group_size", "strict", "ws", "ws_eps", "eps", "include",
-                                         "exclude", "process_group"))
-    norm = resolve_norm_name(norm)
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"convert_norms expects an nn.Module, got {type(module).__name__}")
-    if ws is None:
-        ws = "auto" if norm == "gn_ws" else False
-    if ws not in (True, False, "auto"):
-        raise ValueError(f"ws must be 'auto', True or False, got {ws!r}")
-    if norm == "syncbn" and group_size is not None:
-        if process_group is not None:
-            raise ValueError("pass either process_group or group_size for syncbn, not both")
-        from gnlightning.distributed import is_distributed, new_consecutive_groups
+@dataclass(frozen=True)
+class _Request:
+    """convert_norms' keyword arguments, checked and resolved once (the target name, ws's default, syncbn's
+    consecutive-rank groups); the planning functions below read only this."""
 
-        if not is_distributed():
-            raise ValueError(
-                f"syncbn with group_size={group_size} needs an initialised torch.distributed process group; convert "
-                "inside each training process (SyncBatchNormPlugin(group_size=...) does this under Lightning DDP)"
-            )
-        process_group, group_size = new_consecutive_groups(group_size), None
-    target = "gn" if norm == "gn_ws" else norm
-    options = {"num_groups": num_groups, "group_size": group_size, "strict": strict, "eps": eps,
-               "process_group": process_group}
-    report = ConversionReport(norm)
-    scope = _Scope(include, exclude)
+    norm: str
+    target: str  # the norm layers' kind: gn_ws's is gn (its WS half lives in the convolutions)
+    num_groups: int | None
+    group_size: int | None
+    strict: bool
+    ws: bool | str
+    ws_eps: float
+    eps: float | None
+    include: Any
+    exclude: Any
+    process_group: Any
 
-    # Phase 1: plan. Nothing below mutates `module`.
-    replacements: dict[str, nn.Module] = {}
-    resync: list[SyncBatchNorm] = []
-    ws_candidates: list[tuple[str, nn.Module]] = []
-    order: list[tuple[str, nn.Module]] = []
+    @classmethod
+    def bind(cls, module: nn.Module, norm: str, options: dict[str, Any]) -> "_Request":
+        bound = inspect.signature(convert_norms).bind(module, norm, **options)  # unknown options: TypeError
+        bound.apply_defaults()
+        arguments = {key: value for key, value in bound.arguments.items() if key not in ("module", "norm")}
+        norm = resolve_norm_name(norm)
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"convert_norms expects an nn.Module, got {type(module).__name__}")
+        if arguments["ws"] is None:
+            arguments["ws"] = "auto" if norm == "gn_ws" else False
+        if arguments["ws"] not in (True, False, "auto"):
+            raise ValueError(f"ws must be 'auto', True or False, got {arguments['ws']!r}")
+        if norm == "syncbn" and arguments["group_size"] is not None:
+            arguments["process_group"] = _consecutive_group(arguments["group_size"], arguments["process_group"])
+            arguments["group_size"] = None
+        return cls(norm=norm, target="gn" if norm == "gn_ws" else norm, **arguments)
+
+    @property
+    def build_options(self) -> dict[str, Any]:
+        return {"num_groups": self.num_groups, "group_size": self.group_size, "strict": self.strict, "eps": self.eps,
+                "process_group": self.process_group}
+
+
+def _consecutive_group(group_size: int, process_group: Any) -> Any:
+    """syncbn's ``group_size``: the group of that many consecutive ranks that holds this one."""
+    if process_group is not None:
+        raise ValueError("pass either process_group or group_size for syncbn, not both")
+    from gnlightning.distributed import is_distributed, new_consecutive_groups
+
+    if not is_distributed():
+        raise ValueError(
+            f"syncbn with group_size={group_size} needs an initialised torch.distributed process group; convert "
+            "inside each training process (SyncBatchNormPlugin(group_size=...) does this under Lightning DDP)"
+        )
+    return new_consecutive_groups(group_size)
+
+
+@dataclass
+class _Plan:
+    """What phase 1 decided: new modules by dotted name, SyncBN layers to move to the requested group, and what the
+    WS pass needs (each convolution right before a converted norm layer)."""
+
+    replacements: dict[str, nn.Module] = field(default_factory=dict)
+    resync: list[SyncBatchNorm] = field(default_factory=list)
+    ws_candidates: list[tuple[str, nn.Module]] = field(default_factory=list)
+    norm_names: list[str] = field(default_factory=list)  # every norm layer of the model, in scope or not
+
+
+def _plan_norm(name: str, child: nn.Module, kind: str, previous: tuple[str, nn.Module] | None, request: _Request,
+               scope: _Scope, plan: _Plan, report: ConversionReport) -> None:
+    """Plan the replacement of one norm layer (or record why it stays)."""
+    source = _Source.read(name, child, kind)
+    reason = scope.why_not(name) or _why_unfit(source, request.target)
+    if reason is not None:
+        report.skipped.append((name, reason))
+        return
+    previous_name, previous_module = previous or ("", None)
+    if isinstance(previous_module, nn.Conv2d) and previous_module.out_channels == source.channels:
+        plan.ws_candidates.append((previous_name, previous_module))
+    features = _feeds_features(previous_module, source)
+    groups = _target_groups(source, request.target, request.build_options, features)
+    if _is_target(source, request.target, groups):
+        report.unchanged += 1
+        if request.target == "syncbn" and request.process_group is not None:
+            plan.resync.append(child)
+        return
+    new = _build(source, request.target, groups, request.build_options)
+    if groups is not None and features:  # (N, C) input: the values per group are known now
+        values = source.channels // groups
+        if values < MIN_VALUES_PER_GROUP:
+            message = degenerate_message(name, values, groups, source.channels,
+                                         f"(N, {source.channels}) features after {previous_name!r}")
+            if request.strict:
+                raise ValueError(message + " (raised because strict=True; the model is unchanged)")
+            report.warnings.append(message)
+    elif groups is not None or request.target == "frn":  # depends on the input's spatial size: checked at the
+        # first forward (FRN normalizes each channel over H x W: on 1x1 maps it only keeps the sign)
+        new.register_forward_pre_hook(GroupSizeCheck(name, request.strict))
+    plan.replacements[name] = new
+    report.converted[(type(child).__name__, type(new).__name__)] += 1
+
+
+def _plan_norms(module: nn.Module, request: _Request, scope: _Scope, only: tuple[type, ...] | None,
+                report: ConversionReport) -> _Plan:
+    """Walk the model in registration order (each norm layer sees the module registered before it, for WS and for
+    ``(N, C)`` features) and plan every norm layer's replacement."""
+    plan = _Plan()
+    previous: tuple[str, nn.Module] | None = None
     last_norm: str | None = None
     for name, child in module.named_modules():
         if last_norm is not None and (last_norm == "" or name.startswith(last_norm + ".")):
             continue  # the act / drop children of a fused norm layer
-        order.append((name, child))
         kind = norm_kind(child)
-        if kind is None:
-            continue
-        last_norm = name
-        if only is not None and not isinstance(child, only):
-            continue
-        reason = scope.why_not(name)
-        if reason is None and target == "frozen_bn" and getattr(child, "running_mean", None) is None:
-            reason = "no running statistics to freeze"
-        if reason is not None:
-            report.skipped.append((name, reason))
-            continue
-        source = _Source.read(name, child, kind)
-        previous = order[-2][1] if len(order) > 1 else None
-        if isinstance(previous, nn.Conv2d) and previous.out_channels == source.channels:
-            ws_candidates.append(order[-2])
-        features = _feeds_features(previous, source)
-        groups = _target_groups(source, target, options, features)
-        if _is_target(source, target, groups):
-            report.unchanged += 1
-            if target == "syncbn" and process_group is not None:
-                resync.append(child)
-            continue
-        new = _build(source, target, groups, options)
-        if groups is not None and features:  # (N, C) input: the values per group are known now
-            values = source.channels // groups
-            if values < MIN_VALUES_PER_GROUP:
-                message = degenerate_message(name, values, groups, source.channels,
-                                             f"(N, {source.channels}) features after {order[-2][0]!r}")
-                if strict:
-                    raise ValueError(message + " (raised because strict=True; the model is unchanged)")
-                report.warnings.append(message)
-        elif groups is not None:  # depends on the input's spatial size: checked at the first forward
-            new.register_forward_pre_hook(GroupSizeCheck(name, strict))
-        replacements[name] = new
-        report.converted[(type(child).__name__, type(new).__name__)] += 1
+        if kind is not None:
+            last_norm = name
+            plan.norm_names.append(name)
+            if only is None or isinstance(child, only):
+                _plan_norm(name, child, kind, previous, request, scope, plan, report)
+        previous = (name, child)
+    return plan
 
-    conv_names: list[str] = []
-    if ws:
-        in_scope = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Conv2d) and scope.why_not(n) is None]
-        pool = ws_candidates if ws == "auto" else in_scope
-        already, ws_types = 0, _ws_types()
-        for name, conv in pool:
-            if isinstance(conv, ws_types) or scope.why_not(name) is not None:
-                already += isinstance(conv, ws_types)
-                continue
-            if type(conv) is not nn.Conv2d:  # e.g. timm's Conv2dSame: its forward would be lost
-                report.skipped.append((name, f"{type(conv).__name__} is not a plain Conv2d"))
-                continue
-            replacements[name] = WSConv2d.from_conv(conv, eps=ws_eps)
-            conv_names.append(name)
-        if not conv_names and not already:
-            no_ws = "ws=False" + (" (or norm='gn', GroupNorm without WS)" if norm == "gn_ws" else "")
-            if ws is True or not in_scope:
-                # WS standardizes convolution filters: asked for explicitly with no convolution to act on, the
-                # request cannot be what the user meant (e.g. an MLP, or include/exclude leaving out every conv).
-                message = (f"convert_norms({norm!r}, ws={ws!r}): Weight Standardization needs an nn.Conv2d to wrap, "
-                           f"but {type(module).__name__} has no Conv2d in scope of the conversion; pass {no_ws}, "
-                           "or widen include / exclude if the convolutions were left out")
-                if ws is True:
-                    raise ValueError(message)
-            else:
-                message = (f"convert_norms({norm!r}, ws='auto'): no plain nn.Conv2d right before a converted norm "
-                           f"layer (with matching channels) to wrap with Weight Standardization, though "
-                           f"{len(in_scope)} Conv2d are in scope; pass ws=True to wrap every Conv2d in scope, or "
-                           f"{no_ws} for no WS")
-            if last_norm is not None:  # a model without any norm layer gets the one warning below
-                report.warnings.append(message)
-        report.wrapped = len(conv_names)
 
-    if last_norm is None:
-        report.warnings.append(
-            f"convert_norms({norm!r}): {type(module).__name__} has no BatchNorm, SyncBatchNorm, FrozenBatchNorm2d or "
-            "GroupNorm layer; returning it unchanged")
-    _skip_warnings(norm, module, report, strict)
-    scope.warn_unused([name for name, child in order if norm_kind(child) is not None])
+def _plan_ws(module: nn.Module, request: _Request, scope: _Scope, plan: _Plan, report: ConversionReport) -> None:
+    """Plan Weight Standardization: ``"auto"`` wraps the convolutions right before converted norm layers, ``True``
+    every plain Conv2d in scope; a request with nothing to wrap warns (or raises, for an explicit ``True``)."""
+    in_scope = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Conv2d) and scope.why_not(n) is None]
+    pool = plan.ws_candidates if request.ws == "auto" else in_scope
+    already, ws_types = 0, _ws_types()
+    for name, conv in pool:
+        if isinstance(conv, ws_types) or scope.why_not(name) is not None:
+            already += isinstance(conv, ws_types)
+            continue
+        if type(conv) is not nn.Conv2d:  # e.g. timm's Conv2dSame: its forward would be lost
+            report.skipped.append((name, f"{type(conv).__name__} is not a plain Conv2d"))
+            continue
+        plan.replacements[name] = WSConv2d.from_conv(conv, eps=request.ws_eps)
+        report.wrapped += 1
+    if report.wrapped or already:
+        return
+    norm, ws = request.norm, request.ws
+    no_ws = "ws=False" + (" (or norm='gn', GroupNorm without WS)" if norm == "gn_ws" else "")
+    if ws is True or not in_scope:
+        # WS standardizes convolution filters: asked for explicitly with no convolution to act on, the request
+        # cannot be what the user meant (e.g. an MLP, or include/exclude leaving out every conv).
+        message = (f"convert_norms({norm!r}, ws={ws!r}): Weight Standardization needs an nn.Conv2d to wrap, "
+                   f"but {type(module).__name__} has no Conv2d in scope of the conversion; pass {no_ws}, "
+                   "or widen include / exclude if the convolutions were left out")
+        if ws is True:
+            raise ValueError(message)
+    else:
+        message = (f"convert_norms({norm!r}, ws='auto'): no plain nn.Conv2d right before a converted norm "
+                   f"layer (with matching channels) to wrap with Weight Standardization, though "
+                   f"{len(in_scope)} Conv2d are in scope; pass ws=True to wrap every Conv2d in scope, or "
+                   f"{no_ws} for no WS")
+    if plan.norm_names:  # a model without any norm layer gets the one warning of convert_with_report
+        report.warnings.append(message)
 
-    # Phase 2: apply. Plain attribute assignments; nothing here can fail half way.
-    for layer in resync:
+
+def _apply(module: nn.Module, plan: _Plan, process_group: Any) -> nn.Module:
+    """Phase 2: plain attribute assignments, which cannot fail half way. Returns the (possibly new) root."""
+    for layer in plan.resync:
         layer.process_group = process_group
-    for name, new in replacements.items():
+    for name, new in plan.replacements.items():
         if name == "":
             module = new
             continue
         parent_name, _, attr = name.rpartition(".")
         setattr(module.get_submodule(parent_name), attr, new)
-    return module, report
+    return module
+
+
+def convert_with_report(module: nn.Module, norm: str, options: dict[str, Any] | None = None,
+                        only: tuple[type, ...] | None = None) -> tuple[nn.Module, ConversionReport]:
+    """:func:`convert_norms` for callers that show its outcome themselves (NormSwap logs it once per run, on rank 0):
+    the converted root and the :class:`ConversionReport`, with nothing logged or warned. ``options`` are
+    convert_norms' keyword arguments (unknown ones raise TypeError); ``only`` restricts the source layers to these
+    classes (SyncBatchNormPlugin converts BatchNorm only).
+
+    Phase 1 plans every replacement without touching ``module`` (errors leave it as it was); phase 2 applies them.
+    """
+    request = _Request.bind(module, norm, options or {})
+    report = ConversionReport(request.norm)
+    scope = _Scope(request.include, request.exclude)
+    plan = _plan_norms(module, request, scope, only, report)
+    if request.ws:
+        _plan_ws(module, request, scope, plan, report)
+    if not plan.norm_names:
+        report.warnings.append(
+            f"convert_norms({request.norm!r}): {type(module).__name__} has no BatchNorm, SyncBatchNorm, "
+            "FrozenBatchNorm2d, GroupNorm, EvoNorm or FRN layer; returning it unchanged")
+    _skip_warnings(request.norm, module, report, request.strict)
+    scope.warn_unused(plan.norm_names)
+    return _apply(module, plan, request.process_group), report
 
 
 def convert_norms(
@@ -535,7 +578,7 @@ def convert_norms(
     values per group at its first forward.
     """
     options = {key: value for key, value in locals().items() if key not in ("module", "norm")}
-    converted, report = _convert(module, norm, options)
+    converted, report = convert_with_report(module, norm, options)
     log.info("convert_norms(%s): %s", report.norm, report)
     for message in report.warnings:
         warnings.warn(message, NormConversionWarning, stacklevel=2)
@@ -549,7 +592,7 @@ def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
     rank-agnostic ``BatchNormXd`` is used. Values, training mode and names are kept exactly."""
     if not any(isinstance(m, _SYNC_BN) for m in module.modules()):
         return module
-    converted, report = _convert(module, "bn", {}, only=_SYNC_BN)
+    converted, report = convert_with_report(module, "bn", only=_SYNC_BN)
     log.debug("revert_sync_batchnorm: %s", report)
     return converted
 

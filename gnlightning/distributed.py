@@ -5,8 +5,9 @@ batches) need the same three questions answered -- "are we distributed at all?",
 statistics?" and "sum this tensor over them" -- and each answer has an edge case that is easy to get subtly wrong
 when repeated inline (an uninitialized default group, a world of size 1, sub-groups that every rank must create).
 
-Every collective of the package goes through :func:`all_reduce_sum`, which calls either
-``HostAllReduce.all_reduce_sum_`` or ``torch.distributed.all_reduce``, both by attribute lookup at call time. Tests
+Every collective of the package goes through :func:`all_reduce_sum`, which calls ``torch.distributed.all_reduce``
+(or, only where :data:`HOST_CHANNEL_ENV` opts in, ``HostAllReduce.all_reduce_sum_``), by attribute lookup at call
+time. Tests
 rely on that to count collectives by monkeypatching them; keep it that way (no ``from torch.distributed import
 all_reduce``).
 
@@ -15,6 +16,7 @@ This module must stay free of Lightning and Hydra imports: ``gnlightning.layers`
 
 from __future__ import annotations
 
+import os
 import weakref
 from typing import Any, Callable
 
@@ -29,8 +31,18 @@ __all__ = [
     "group_world_size",
     "all_reduce_sum",
     "host_channel",
+    "host_channel_enabled",
     "new_consecutive_groups",
+    "HOST_CHANNEL_ENV",
 ]
+
+#: The one switch for the host-local loopback channel (:mod:`gnlightning.host_all_reduce`): ``1`` in the environment
+#: of every rank (e.g. ``GNLIGHTNING_HOST_ALL_REDUCE=1 torchrun ...``) sends small CPU collectives between ranks of
+#: one host over it. Off by default, so every collective is a plain torch.distributed one on every backend: CPU
+#: multi-process training is a test setting, GPUs use NCCL, and gloo meets SyncBN's cost target at ResNet widths on
+#: its own (docs/bench). The channel pays off only for narrow CPU layers. All ranks must agree on it, as on any
+#: collective.
+HOST_CHANNEL_ENV = "GNLIGHTNING_HOST_ALL_REDUCE"
 
 # torch.distributed.ProcessGroup only exists when torch was built with distributed support, so the annotations
 # below use Any instead of importing it.
@@ -104,6 +116,11 @@ def group_world_size(group: ProcessGroup | None = None) -> int:
     return dist.get_world_size(group)
 
 
+def host_channel_enabled() -> bool:
+    """Whether :data:`HOST_CHANNEL_ENV` opts in to the host-local loopback channel."""
+    return os.environ.get(HOST_CHANNEL_ENV) == "1"
+
+
 def all_reduce_sum(tensor: torch.Tensor, group: ProcessGroup | None = None) -> torch.Tensor:
     """Sum ``tensor`` in place over the ranks of ``group`` (``None`` = world) and return it.
 
@@ -112,12 +129,12 @@ def all_reduce_sum(tensor: torch.Tensor, group: ProcessGroup | None = None) -> t
     number of times and in the same order, including ranks whose local batch is empty; a rank that skips a call
     deadlocks the others.
 
-    Small CPU tensors in a group whose ranks share this host go through :mod:`gnlightning.host_all_reduce`
-    (loopback TCP from the calling thread: 20-40 us instead of gloo's 0.1-4 ms thread hand-offs; SyncBN's cost on
-    CPU is mostly this latency). The choice depends only on the device, the size and the group, which all ranks
-    share, so they always take the same transport. Everything else is ``torch.distributed.all_reduce``.
+    It is ``torch.distributed.all_reduce``. Where :data:`HOST_CHANNEL_ENV` opts in, small CPU tensors in a group
+    whose ranks share this host go through :mod:`gnlightning.host_all_reduce` instead (loopback TCP from the calling
+    thread, a fraction of gloo's thread hand-offs). That choice depends only on the switch, the
+    device, the size and the group, which all ranks share, so they always take the same transport.
     """
-    if tensor.is_cpu and tensor.nbytes <= MAX_BYTES:
+    if tensor.is_cpu and tensor.nbytes <= MAX_BYTES and host_channel_enabled():
         channel = host_channel(group)
         if channel is not None:
             return channel.all_reduce_sum_(tensor)

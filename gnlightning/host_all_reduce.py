@@ -3,12 +3,14 @@
 Why our own: SyncBatchNorm issues two collectives per norm layer and training step whose payloads are tiny (``2C+1``
 and ``2C`` numbers), so what they cost is *latency*. gloo -- the only torch.distributed backend for CPU tensors --
 hands every collective from the calling thread to a worker thread and from there to its transport's event-loop
-thread and back. On a 2-vCPU VM those thread wake-ups cost 0.1-0.5 ms per all_reduce in the median and ~4 ms
-(a scheduler tick) in one call out of ten or more, while a plain TCP round trip between the same two processes
-takes 20-40 us. ``scripts/bench_syncbn.py`` prints both latencies side by side. Through gloo, collectives were most
-of SyncBN's cost on CPU (a 5-layer net of width 32: 1.42x BN's step time, of which 1.12x was the layer's own work);
-over this channel their idle latency adds up to ~0.3 ms per step there. Intel's oneCCL bindings solve the same
-problem for CPU clusters, but are a separate, platform-specific install; this module needs nothing but sockets.
+thread and back. On a small VM those thread wake-ups cost several times a plain TCP round trip between the same two
+processes, and for narrow layers they are most of SyncBN's cost on CPU (``scripts/bench_syncbn.py`` prints both
+latencies side by side; docs/bench has the figures). Intel's oneCCL bindings solve the same problem for CPU
+clusters, but are a separate, platform-specific install; this module needs nothing but sockets.
+
+Opt-in (``GNLIGHTNING_HOST_ALL_REDUCE=1`` on every rank; see :data:`gnlightning.distributed.HOST_CHANNEL_ENV`):
+the default is plain torch.distributed, which the field's users run (NCCL on GPUs) and which meets SyncBN's cost
+target at ResNet widths on CPU too; this channel only narrows the gap for narrow CPU layers.
 
 Scope, deliberately narrow: CPU tensors up to :data:`MAX_BYTES`, in process groups whose ranks all run on this host
 (the CPU-only tests, CI and single-node CPU training). Everything else -- accelerator tensors (NCCL), larger
@@ -172,8 +174,8 @@ class HostAllReduce:
         """Sum the CPU ``tensor`` in place over the group and return it; bit-identical on every rank.
 
         Deliberately few torch calls: SyncBN calls this right after a convolution has evicted the interpreter's and
-        the dispatcher's code and data from the core's caches, where small tensor ops cost ~5x their hot-loop time
-        (measured: 10 of them took 120 us there against 22 us in a loop). Bytes move through the buffer protocol;
+        the dispatcher's code and data from the core's caches, where small tensor ops cost several times their
+        hot-loop time. Bytes move through the buffer protocol;
         peers' contributions land in a preallocated buffer.
         """
         if self._broken is not None:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""gnlightning's performance targets (GitHub issue #7), measured in one run and reported as one table of ratios.
+"""gnlightning's performance targets, measured in one run and reported as one table of ratios.
 
 Why: every norm the package offers comes with a cost claim -- Weight Standardization is nearly free, SyncBN's
 synchronization is cheap, convert_norms is instant next to building the model, GN+WS barely adds memory. Absolute
@@ -18,7 +18,7 @@ Sections (``--only`` picks some; all run by default, gpu only where CUDA is):
   the plain conv holding the weight already standardized. Targets: WS <= 1.05x Conv2d training and <= 1.01x eval
   on the mission's workloads, WS / timm <= 1.0x in time and in saved memory everywhere.
 * syncbn: SyncBatchNorm vs BatchNorm and vs a naive synchronized BN (detectron2-style) training step under 2-process
-  DDP on CPU, SyncBN on torch.distributed/gloo and on its loopback channel; and the layer's own forward + backward
+  DDP on CPU, SyncBN on torch.distributed/gloo and on its opt-in loopback channel; and the layer's own forward + backward
   at DeepLabV3-R50 shapes in one process. Measured by ``bench_syncbn.py`` (see there). Targets: SyncBN <= 1.15x BN
   and <= 1.0x the naive peer at ResNet widths 64-256; synchronized code path over one rank <= 1.05x BN.
 * norms: training step (forward, backward, SGD) of a segmentation model at batch 2 with each norm vs BN, NCHW and
@@ -600,8 +600,8 @@ def bench_syncbn_section(args: argparse.Namespace) -> Section:
          f"{syncbn_args.round_ms:g} ms (at least 1, at most {syncbn_args.steps}; see the diagnostics); ratios are "
          "medians of per-round ratios, with a distribution-free 95% confidence interval. "
          "\"SyncBN gloo\" is gnlightning's SyncBatchNorm with its collectives on torch.distributed/gloo (forced in "
-         "the benchmark process, as for ranks on different hosts), \"SyncBN loopback\" the same layer on its "
-         "host-local loopback channel (its default between ranks of one host), \"naive gloo\" a naive peer in the "
+         "the benchmark process; the library's default), \"SyncBN loopback\" the same layer on its "
+         "opt-in host-local loopback channel (GNLIGHTNING_HOST_ALL_REDUCE=1), \"naive gloo\" a naive peer in the "
          "style of detectron2's NaiveSyncBatchNorm (one differentiable all_reduce of mean and mean of squares, "
          "autograd for the rest) on gloo. Outputs, gradients, running statistics and the collectives per step "
          "(one all_reduce per norm layer in forward and one in backward) are checked before timing. Targets at "
@@ -1165,7 +1165,7 @@ def render(command: str, machine: dict, load: tuple[float | None, float | None],
     ratios = [ratio for section in sections for ratio in section.ratios]
     targeted = [ratio for ratio in ratios if ratio.target is not None]
     misses = [ratio for ratio in targeted if not ratio.passed]
-    lines = ["# gnlightning benchmark (issue #7)", "", f"`{command}`", ""]
+    lines = ["# gnlightning benchmark", "", f"`{command}`", ""]
     lines.append(
         f"Machine: {machine['cpu']}, {machine['logical_cpus']} logical CPUs, {machine['system']}; torch "
         f"{machine['torch']} with {machine['threads']} threads (torch.get_num_threads()); python {machine['python']}"

@@ -17,11 +17,10 @@ processes with one intra-op thread each (each pinned to its own core unless ``--
 ``--size`` x ``--size`` per rank, for each width in ``--channels``. The variants:
 
 * nn.BatchNorm2d, the baseline (per-rank statistics, no collective);
-* gnlightning SyncBN with ``torch.distributed.all_reduce`` on gloo, the transport every backend has. This process
-  makes gnlightning.distributed's host-channel lookup return None while this variant runs, which is what
-  ``all_reduce_sum`` sees for ranks on different hosts; the library's own choice is left alone;
-* gnlightning SyncBN as it runs between ranks of one host by default: the loopback channel of
-  gnlightning/host_all_reduce.py;
+* gnlightning SyncBN with ``torch.distributed.all_reduce`` on gloo, its default on every backend (this process
+  also makes gnlightning.distributed's host-channel lookup return None while this variant runs);
+* gnlightning SyncBN on its opt-in loopback channel (gnlightning/host_all_reduce.py), switched on with
+  ``GNLIGHTNING_HOST_ALL_REDUCE=1`` while this variant runs;
 * a naive peer (below), on gloo;
 * SyncBN's exact synchronized code path over a group of one rank, a diagnostic that splits SyncBN's overhead into
   the layer's own arithmetic and the collectives (the layer itself short-cuts a one-rank group to nn.BatchNorm).
@@ -252,7 +251,22 @@ def _torch_distributed_only() -> Iterator[None]:
         gnl_distributed.host_channel = original
 
 
-TRANSPORTS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {SYNC_GLOO: _torch_distributed_only}
+@contextlib.contextmanager
+def _host_channel_on() -> Iterator[None]:
+    """The opt-in loopback channel switched on in this process while the variant runs."""
+    previous = os.environ.get(gnl_distributed.HOST_CHANNEL_ENV)
+    os.environ[gnl_distributed.HOST_CHANNEL_ENV] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[gnl_distributed.HOST_CHANNEL_ENV]
+        else:
+            os.environ[gnl_distributed.HOST_CHANNEL_ENV] = previous
+
+
+TRANSPORTS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
+    SYNC_GLOO: _torch_distributed_only, SYNC_LOOPBACK: _host_channel_on}
 
 
 def _transport(name: str) -> contextlib.AbstractContextManager:
@@ -455,8 +469,10 @@ def _time_width(rank: int, channels: int, args: argparse.Namespace, one_rank_gro
             with _transport(name):
                 for _ in range(min(args.warmup, steps)):
                     step(name)
+    with _host_channel_on():
+        loopback_latency = _collective_latency(channels, all_reduce_sum)  # loopback channel, as SyncBN issues it
     latency = {
-        "latency_us": _collective_latency(channels, all_reduce_sum),  # loopback channel, as SyncBN issues it here
+        "latency_us": loopback_latency,
         "gloo_latency_us": _collective_latency(channels, dist.all_reduce),
     }
 

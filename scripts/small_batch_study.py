@@ -51,7 +51,7 @@ from threading import Lock, Semaphore
 
 from gnlightning.sweep_summary import summarize
 
-VARIANTS = ("frozen_bn", "bn", "bn+precise_bn", "syncbn", "gn", "gn_ws", "ln", "in")
+VARIANTS = ("frozen_bn", "bn", "bn+precise_bn", "syncbn", "gn", "gn_ws", "ln", "in", "evonorm_s0", "frn")
 
 
 @dataclass(frozen=True)

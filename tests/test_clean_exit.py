@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 import torch.distributed as dist
 
-from gnlightning.distributed import all_reduce_sum, host_channel, new_consecutive_groups
+from gnlightning.distributed import HOST_CHANNEL_ENV, host_channel, new_consecutive_groups
 from tests._dist import free_port, run_distributed
 from tests.helpers import subprocess_env
 
@@ -39,7 +38,7 @@ def _groups_freed_worker(rank: int, world_size: int) -> dict[str, Any]:
     singles = new_consecutive_groups(1)
     recreated["new_group"] = dist.get_world_size(singles) == 1 and singles is new_consecutive_groups(1)
     for group in (None, subgroup, singles):
-        all_reduce_sum(torch.ones(3), group)  # creates the host channels (none for the group of one rank)
+        host_channel(group)  # creates the host channels (none for the group of one rank)
     channels = [host_channel(), host_channel(subgroup)]
     assert all(channel is not None for channel in channels)
     groups = {"world": weakref.ref(world), "subgroup": weakref.ref(subgroup), "consecutive": weakref.ref(singles)}
@@ -62,13 +61,14 @@ def test_destroy_process_group_frees_every_group_our_caches_have_seen() -> None:
         assert result["recreated"] == {"old_freed": True, "new_group": True}
 
 
-def _run_scenario(world_size: int = 2, timeout: float = 120) -> list[tuple[int, str]]:
-    """One run of the scenario, each rank its own process (as srun starts them): (exit status, stderr) per rank."""
+def _run_scenario(world_size: int = 2, timeout: float = 120, channel: bool = False) -> list[tuple[int, str]]:
+    """One run of the scenario, each rank its own process (as srun starts them): (exit status, stderr) per rank;
+    ``channel``: SyncBN's collectives over the opt-in host-local channel instead of gloo."""
     port = free_port()
     processes = []
     for rank in range(world_size):
-        env = subprocess_env(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
-                             MASTER_PORT=str(port))
+        env = subprocess_env(**{HOST_CHANNEL_ENV: "1" if channel else "0"}, RANK=str(rank), WORLD_SIZE=str(world_size),
+                             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         processes.append(subprocess.Popen([sys.executable, str(SCENARIO)], env=env, stdout=subprocess.DEVNULL,
                                           stderr=subprocess.PIPE, text=True))
     outcomes = []
@@ -87,11 +87,12 @@ def _run_scenario(world_size: int = 2, timeout: float = 120) -> list[tuple[int, 
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_ddp_join_with_syncbn_exits_cleanly_every_time() -> None:
-    """Issue 15's scenario, 20 times. Before the fix 8 runs in 100 aborted at exit on a 2-core machine, so this
-    catches that about 4 times in 5 (0.92 ** 20 = 0.19); the test above pins the cause itself, deterministically."""
+    """Issue 15's scenario, 20 times, every other run on the opt-in host-local channel. Before the fix 8 runs in 100
+    aborted at exit on a 2-core machine (with the channel, then the default), so this catches that about 4 times in
+    5 (0.92 ** 20 = 0.19); the test above pins the cause itself, deterministically."""
     failures = []
     for run in range(20):
-        for rank, (returncode, stderr) in enumerate(_run_scenario()):
+        for rank, (returncode, stderr) in enumerate(_run_scenario(channel=run % 2 == 0)):
             if returncode != 0 or "terminate called" in stderr:
                 failures.append(f"run {run} rank {rank}: exit status {returncode}\n{stderr[-1500:]}")
     assert not failures, f"{len(failures)} rank exits failed:\n" + "\n".join(failures)

@@ -81,6 +81,8 @@ def kinds_after(model, norm, original_types):
             assert isinstance(module, SyncBatchNorm), name
         elif norm == "frozen_bn":  # GroupNorm has no statistics to freeze: it stays
             assert kind == "frozen_bn" or (kind == "gn" and isinstance(original_types[name], nn.GroupNorm)), name
+        elif norm in ("evonorm_s0", "frn"):  # no form keeps a fused activation: timm's norm+act layers stay (loudly)
+            assert kind == norm or isinstance(getattr(original_types[name], "act", None), nn.Module), name
         else:
             assert kind == "gn", name
             if norm == "ln":

@@ -25,6 +25,8 @@ EXPECTED = {
     "frozen_bn": ("FrozenBatchNorm2d", None, False),
     "ln": ("GroupNorm", 1, False),
     "in": ("GroupNorm", 64, False),
+    "evonorm_s0": ("EvoNorm2dS0", 32, False),
+    "frn": ("FilterResponseNormTlu2d", None, False),
 }
 # Norm layers per part with the default options (ResNet-18 up to stage 3 (P2-P4), or 4 for Mask R-CNN; FPN of 3 or
 # 4 levels, 2 layers each; 2 convs per head tower, the two towers of FCOS / RetinaNet, or the box and mask heads of

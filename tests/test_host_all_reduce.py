@@ -17,11 +17,17 @@ import torch
 import torch.distributed as dist
 
 import gnlightning.host_all_reduce as host_all_reduce_module
-from gnlightning.distributed import all_reduce_sum, host_channel
+from gnlightning.distributed import HOST_CHANNEL_ENV, all_reduce_sum, host_channel
 from gnlightning.host_all_reduce import MAX_BYTES, HostAllReduce
 from tests._dist import CollectiveCounter, free_port, run_distributed
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+
+@pytest.fixture(autouse=True)
+def _channel_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The channel is opt-in: every test here runs with the switch on (spawned ranks inherit the environment)."""
+    monkeypatch.setenv(HOST_CHANNEL_ENV, "1")
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.int64]
 
@@ -151,3 +157,21 @@ def test_a_hung_peer_times_out_with_the_group_and_a_dead_one_fails_at_once() -> 
     assert "timeout (1 s)" in result["timeout_message"]
     assert "rank 1 closed its connection" in result["gone_message"]
     assert "out of step" in result["broken_message"]
+
+
+def _switch_worker(rank: int, world_size: int) -> dict[str, Any]:
+    counter = CollectiveCounter()
+    os.environ[HOST_CHANNEL_ENV] = "0"
+    off = all_reduce_sum(torch.ones(3)).clone(), dict(counter.by_transport)
+    os.environ[HOST_CHANNEL_ENV] = "1"
+    host_all_reduce_module._host_id = lambda: f"machine-{rank}"  # ranks that look like two machines
+    declined = all_reduce_sum(torch.ones(3)).clone(), dict(counter.by_transport), host_channel()
+    return {"off": off, "declined": declined}
+
+
+def test_off_unless_switched_on_and_declines_across_machines() -> None:
+    for result in run_distributed(_switch_worker, 2, timeout=120):
+        total, counts = result["off"]
+        assert torch.equal(total, torch.full((3,), 2.0)) and counts == {"host": 0, "torch": 1}
+        total, counts, channel = result["declined"]
+        assert torch.equal(total, torch.full((3,), 2.0)) and counts == {"host": 0, "torch": 2} and channel is None

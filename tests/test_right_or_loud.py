@@ -39,7 +39,7 @@ def test_degenerate_groups_on_features_warn_naming_layer_and_fix_or_raise_when_s
     with pytest.warns(NormConversionWarning) as record:
         convert_norms(model, norm, **options)
     message = str(record[0].message)
-    assert f"GroupNorm '1'" in message and f"only {values} value(s) per group" in message
+    assert "GroupNorm '1'" in message and f"only {values} value(s) per group" in message
     assert "exclude=['1']" in message
     untouched = bn_mlp(64)
     before = copy.deepcopy(untouched)

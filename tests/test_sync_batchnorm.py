@@ -7,6 +7,7 @@ is computed here, in the test process, in float64.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -15,8 +16,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.testing import assert_close
 
-import gnlightning.host_all_reduce as host_all_reduce_module
-from gnlightning.distributed import group_world_size, new_consecutive_groups
+from gnlightning.distributed import HOST_CHANNEL_ENV, group_world_size, new_consecutive_groups
 from gnlightning.layers import sync_batchnorm
 from gnlightning.layers.sync_batchnorm import SyncBatchNorm
 from tests._dist import CollectiveCounter, run_distributed
@@ -159,9 +159,8 @@ def _eval_calls_and_exactness(counter: CollectiveCounter) -> tuple[int, bool]:
 
 
 def _two_rank_worker(rank: int, world_size: int, transport: str) -> dict[str, Any]:
-    if transport == "torch":
-        # Ranks that look like two machines: the host-local channel declines and gloo carries everything.
-        host_all_reduce_module._host_id = lambda: f"machine-{rank}"
+    # "torch" is the default; the host-local channel is opt-in.
+    os.environ[HOST_CHANNEL_ENV] = "1" if transport == "host" else "0"
     counter = CollectiveCounter()
     results: dict[str, Any] = {name: _run_case(rank, index, counter) for index, name in enumerate(CASE_NAMES)}
     results["two_layer_calls"] = _two_layer_calls(counter)
@@ -173,7 +172,7 @@ def _two_rank_worker(rank: int, world_size: int, transport: str) -> dict[str, An
 
 @pytest.fixture(scope="module", params=["host", "torch"])
 def two_rank_results(request: pytest.FixtureRequest) -> list[dict[str, Any]]:
-    """Every 2-rank case, once over the host-local loopback channel and once over gloo (as across machines)."""
+    """Every 2-rank case, once over gloo (the default) and once over the opt-in host-local loopback channel."""
     results = run_distributed(_two_rank_worker, 2, request.param, timeout=120)
     for rank_results in results:
         assert rank_results["by_transport"][request.param] > 0

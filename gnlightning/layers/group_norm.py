@@ -113,7 +113,8 @@ def degenerate_message(layer_name: str, values: int, num_groups: int, num_channe
 
 
 class GroupSizeCheck:
-    """A forward pre-hook that checks, at a GroupNorm's first call, how many values each group normalizes.
+    """A forward pre-hook that checks, at a GroupNorm's (or EvoNorm-S0's) first call, how many values each group
+    normalizes.
 
     Why a hook: for most converted layers that count depends on the input's spatial size, known only at run time
     (a GroupNorm after global pooling, or on BatchNorm1d's ``(N, C)`` input, sees one value per channel). It warns
@@ -132,12 +133,14 @@ class GroupSizeCheck:
         x = args[0] if args else None
         if x is None or x.dim() < 2 or x.numel() == 0:
             return
-        values = module.num_channels // module.num_groups
+        # nn.GroupNorm's names, else timm's EvoNorm-S0 (groups) or FRN (one group per channel, over H x W)
+        channels = getattr(module, "num_channels", None) or module.weight.shape[0]
+        groups = getattr(module, "num_groups", None) or getattr(module, "groups", None) or channels
+        values = channels // groups
         for size in x.shape[2:]:
             values *= size
         if values < MIN_VALUES_PER_GROUP:
-            message = degenerate_message(self.layer_name, values, module.num_groups, module.num_channels,
-                                         f"shape {tuple(x.shape)}")
+            message = degenerate_message(self.layer_name, values, groups, channels, f"shape {tuple(x.shape)}")
             if self.strict:
                 raise ValueError(message + " (raised because strict=True)")
             log.warning(message)

@@ -72,13 +72,11 @@ def _local_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
     the activations; the cross-rank combination in :func:`_SyncBatchNormFunction.forward` only has to handle the
     spread *between* ranks.
 
-    On CPU, torch's fused statistics kernel (the one nn.BatchNorm uses) runs a per-channel Welford loop that is
-    fast on channels_last input but 1.1-4x slower than two summations on contiguous NCHW once there are at least
-    512 values per channel and 16K in all (measured on float32, one thread: (2, 32, 16, 16) 40 vs 35 us,
-    (2, 16, 32, 32) 76 vs 39 us, (2, 32..128, 64, 64) 2.5-4x). There the textbook two-pass algorithm is used
-    instead: the mean, then the mean of squared deviations from it -- as accurate (~1e-7 relative against float64)
-    at the price of one temporary the size of the input. Smaller inputs keep the fused kernel, whose fixed cost is
-    lower (e.g. (2, 16, 16, 16): 23 vs 31 us; (2, 512, 4, 4): 43 vs 85 us).
+    On CPU, torch's fused statistics kernel (the one nn.BatchNorm uses) runs a per-channel Welford loop that is fast
+    on channels_last input but slower than two summations on contiguous NCHW once planes are large. There the
+    textbook two-pass algorithm is used instead: the mean, then the mean of squared deviations from it -- as
+    accurate (~1e-7 relative against float64) at the price of a temporary. Smaller inputs keep the fused kernel,
+    whose fixed cost is lower. The crossover (the constants above) was measured with scripts/bench_syncbn.py.
 
     On large inputs (a segmentation backbone's activations run to tens of MB) that temporary is built a block of
     channels at a time instead: one the size of the input would leave the cache between its write and its reads,
@@ -136,6 +134,85 @@ def _local_backward_sums(
     return sum_dy, sum_dy_xhat
 
 
+def _local_moments(input: Tensor, stat_dtype: torch.dtype, reduce_dtype: torch.dtype) -> Tensor:
+    """This rank's ``[count * mean, count * (var + mean^2), count]`` (per channel; one count), so that a plain SUM
+    over ranks gives the global sums. An empty rank sends zeros and so carries no weight."""
+    num_channels = input.size(1)
+    local_count = input.numel() // num_channels
+    if local_count == 0:
+        return torch.zeros(2 * num_channels + 1, dtype=reduce_dtype, device=input.device)
+    mean, var = _local_mean_var(_cast(input, stat_dtype))
+    moments = torch.cat([mean, var, mean.new_ones(1)]).to(reduce_dtype)
+    local_mean = moments[:num_channels]
+    moments[num_channels:-1].addcmul_(local_mean, local_mean)
+    return moments.mul_(local_count)
+
+
+def _global_count(moments: Tensor, input: Tensor, process_group: Any) -> int:
+    """The reduced count: the one host sync of the layer. It decides between error, no-op and normal path,
+    identically on all ranks since they hold the same reduced tensor."""
+    global_count = int(moments[-1].item())
+    if global_count == 1:
+        raise ValueError(
+            "Expected more than 1 value per channel when training, got input size "
+            f"{tuple(input.shape)} on this rank and 1 value per channel in total over the "
+            f"{group_world_size(process_group)} ranks of the process group; "
+            "use a larger batch, norm=gn, or eval mode"
+        )
+    return global_count
+
+
+def _global_mean_var(moments: Tensor, global_count: int, stat_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Mean and biased variance of the global batch from the reduced sums (in place, in the reduce dtype)."""
+    num_channels = (moments.numel() - 1) // 2
+    moments.div_(global_count)  # [mean, E[x^2], 1] of the global batch
+    global_mean = moments[:num_channels]
+    moments[num_channels:-1].addcmul_(global_mean, global_mean, value=-1).clamp_(min=0)  # E[x^2] -> variance
+    stats = _cast(moments[:-1], stat_dtype)
+    return stats[:num_channels], stats[num_channels:]
+
+
+def _update_running_stats(running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor | None,
+                          momentum: float | None, mean: Tensor, var: Tensor, global_count: int) -> None:
+    """nn.BatchNorm's update, with the global batch's statistics (its variance unbiased, as BN on that batch)."""
+    factor: Tensor | float
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    if momentum is None:
+        # Cumulative average, as nn.BatchNorm; kept as a tensor to avoid a second host sync on GPUs.
+        assert num_batches_tracked is not None, "momentum=None needs num_batches_tracked"
+        factor = _cast(num_batches_tracked.reciprocal(), running_mean.dtype)
+    else:
+        factor = momentum
+    running_mean.lerp_(_cast(mean, running_mean.dtype), factor)
+    running_var.lerp_(_cast(var * (global_count / (global_count - 1)), running_var.dtype), factor)
+
+
+def _normalize(input: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
+               eps: float) -> Tensor:
+    """Normalizing with given statistics is exactly eval-mode batch_norm: one fused, layout-preserving kernel that
+    also accepts low-precision input with float32 statistics and parameters."""
+    return F.batch_norm(input, mean, var, None if weight is None else _cast(weight, mean.dtype),
+                        None if bias is None else _cast(bias, mean.dtype), training=False, momentum=0.0, eps=eps)
+
+
+def _grad_input(x: Tensor, grad: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, global_sums: Tensor,
+                global_count: int, eps: float) -> Tensor:
+    """``scale * (dy - (sum dy + x_hat * sum dy x_hat) / n)`` with global sums and n, in ``x``'s dtype.
+
+    The second term is an affine map of x_hat per channel, i.e. once more an eval-mode batch_norm (one fused pass
+    recomputing x_hat exactly as the forward did); then one in-place pass adds scale * dy."""
+    num_channels = x.size(1)
+    global_sum_dy, global_sum_dy_xhat = global_sums[:num_channels], global_sums[num_channels:]
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight
+    coefficient = scale / -global_count
+    grad_input = F.batch_norm(x, mean, var, coefficient * global_sum_dy_xhat, coefficient * global_sum_dy,
+                              training=False, momentum=0.0, eps=eps)
+    return grad_input.addcmul_(grad, scale.view(1, num_channels, *([1] * (x.dim() - 2))))
+
+
 class _SyncBatchNormFunction(torch.autograd.Function):
     """Batch normalization over the union of the batches of all ranks in ``process_group``.
 
@@ -165,34 +242,11 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         process_group: Any,
     ) -> Tensor:
         num_channels = input.size(1)
-        local_count = input.numel() // num_channels
         # Statistics never in half precision: bf16 keeps 8 significant bits, too few for a variance, let alone for
         # sums over a batch.
         stat_dtype = torch.promote_types(input.dtype, torch.float32)
-        reduce_dtype = _reduce_dtype(input.device)
-
-        # Packed as [count * mean, count * (var + mean^2), count] so that a plain SUM gives global sums; an empty
-        # rank sends zeros and so carries no weight.
-        if local_count > 0:
-            mean, var = _local_mean_var(_cast(input, stat_dtype))
-            moments = torch.cat([mean, var, mean.new_ones(1)]).to(reduce_dtype)
-            local_mean = moments[:num_channels]
-            moments[num_channels:-1].addcmul_(local_mean, local_mean)
-            moments.mul_(local_count)
-        else:
-            moments = torch.zeros(2 * num_channels + 1, dtype=reduce_dtype, device=input.device)
-        all_reduce_sum(moments, process_group)
-
-        # The one host sync of the layer: the count decides between error, no-op and normal path, identically on
-        # all ranks since they hold the same reduced tensor.
-        global_count = int(moments[-1].item())
-        if global_count == 1:
-            raise ValueError(
-                "Expected more than 1 value per channel when training, got input size "
-                f"{tuple(input.shape)} on this rank and 1 value per channel in total over the "
-                f"{group_world_size(process_group)} ranks of the process group; "
-                "use a larger batch, norm=gn, or eval mode"
-            )
+        moments = all_reduce_sum(_local_moments(input, stat_dtype, _reduce_dtype(input.device)), process_group)
+        global_count = _global_count(moments, input, process_group)
 
         ctx.process_group = process_group
         ctx.global_count = global_count
@@ -204,41 +258,13 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             ctx.save_for_backward(input, weight, empty_stats, empty_stats)
             return torch.empty_like(input)
 
-        moments.div_(global_count)  # [mean, E[x^2], 1] of the global batch
-        global_mean = moments[:num_channels]
-        moments[num_channels:-1].addcmul_(global_mean, global_mean, value=-1).clamp_(min=0)  # E[x^2] -> variance
-        stats = _cast(moments[:-1], stat_dtype)
-        mean, var = stats[:num_channels], stats[num_channels:]
-
+        mean, var = _global_mean_var(moments, global_count, stat_dtype)
         if running_mean is not None and running_var is not None:
-            factor: Tensor | float
-            if num_batches_tracked is not None:
-                num_batches_tracked.add_(1)
-            if momentum is None:
-                # Cumulative average, as nn.BatchNorm; kept as a tensor to avoid a second host sync on GPUs.
-                assert num_batches_tracked is not None, "momentum=None needs num_batches_tracked"
-                factor = _cast(num_batches_tracked.reciprocal(), running_mean.dtype)
-            else:
-                factor = momentum
-            # Running variance is the unbiased estimate of the *global* batch, as nn.BatchNorm on that batch.
-            running_mean.lerp_(_cast(mean, running_mean.dtype), factor)
-            running_var.lerp_(_cast(var * (global_count / (global_count - 1)), running_var.dtype), factor)
-
+            _update_running_stats(running_mean, running_var, num_batches_tracked, momentum, mean, var, global_count)
         ctx.save_for_backward(input, weight, mean, var)
-        if local_count == 0:
+        if input.numel() == 0:
             return torch.empty_like(input)
-        # Normalizing with given statistics is exactly eval-mode batch_norm: one fused, layout-preserving kernel
-        # that also accepts low-precision input with float32 statistics and parameters.
-        return F.batch_norm(
-            input,
-            mean,
-            var,
-            None if weight is None else _cast(weight, stat_dtype),
-            None if bias is None else _cast(bias, stat_dtype),
-            training=False,
-            momentum=0.0,
-            eps=eps,
-        )
+        return _normalize(input, mean, var, weight, bias, eps)
 
     @staticmethod
     @once_differentiable  # no double backward (as torch's SyncBN): fail loudly instead of silently wrong
@@ -271,20 +297,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             if x is None or grad is None:
                 grad_input = torch.empty_like(input)
             else:
-                global_sum_dy, global_sum_dy_xhat = global_sums[:num_channels], global_sums[num_channels:]
-                scale = torch.rsqrt(var + eps)
-                if stat_weight is not None:
-                    scale = scale * stat_weight
-                coefficient = scale / -ctx.global_count
-                # grad_input = scale * (dy - (sum dy + x_hat * sum dy x_hat) / n), with global sums and n. The
-                # second term is an affine map of x_hat per channel, i.e. once more an eval-mode batch_norm (one
-                # fused pass recomputing x_hat exactly as the forward did); then one in-place pass adds scale * dy.
-                grad_input = F.batch_norm(
-                    x, mean, var, coefficient * global_sum_dy_xhat, coefficient * global_sum_dy,
-                    training=False, momentum=0.0, eps=eps,
-                )
-                grad_input.addcmul_(grad, scale.view(1, num_channels, *([1] * (input.dim() - 2))))
-                grad_input = _cast(grad_input, input.dtype)
+                grad_input = _cast(_grad_input(x, grad, mean, var, stat_weight, global_sums, ctx.global_count, eps),
+                                   input.dtype)
 
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
 
@@ -380,12 +394,27 @@ class SyncBatchNorm(_BatchNorm):
         return super().forward(input)
 
     @classmethod
+    def from_batchnorm(cls, bn: _BatchNorm, process_group: Any | None = None) -> "SyncBatchNorm":
+        """This layer in place of ``bn``, holding ``bn``'s own parameters and buffers (nothing is copied, so an
+        optimizer built before keeps working), in ``bn``'s mode; ``bn``'s class is remembered for the way back."""
+        layer = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, process_group,
+                    device=torch.device("meta"), **({} if bn.bias is not None or not bn.affine else {"bias": False}))
+        for name in ("weight", "bias"):
+            if name in layer._parameters:
+                layer._parameters[name] = bn._parameters[name]
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            if name in layer._buffers:
+                layer._buffers[name] = bn._buffers[name]
+        layer._source_class = type(bn)
+        return layer.train(bn.training)
+
+    @classmethod
     def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group: Any | None = None) -> torch.nn.Module:
-        """Replace every BatchNorm layer of ``module`` by this class, like ``torch.nn.SyncBatchNorm``'s method.
-
-        Kept for drop-in parity only; :func:`gnlightning.convert.convert_norms` is the single place that does
-        module surgery (state copying, include/exclude globs, reverting), so this delegates to it.
-        """
-        from gnlightning.convert import convert_norms
-
-        return convert_norms(module, "syncbn", process_group=process_group)
+        """Replace every BatchNorm of ``module`` by this class and return the root, as ``torch.nn.SyncBatchNorm``'s
+        method does (drop-in parity). :func:`gnlightning.convert_norms` (``"syncbn"``) does the same with
+        include / exclude, reports and a way back."""
+        if isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
+            return cls.from_batchnorm(module, process_group)
+        for name, child in module.named_children():
+            module.add_module(name, cls.convert_sync_batchnorm(child, process_group))
+        return module

@@ -54,7 +54,7 @@ class _WSConv2dFunction(torch.autograd.Function):
     Why not plain autograd over ``standardize_weight`` + ``conv2d``: that graph saves two weight-sized tensors per
     layer for backward (the centred filters and the standardized weight) on top of the convolution's input. With
     the small inputs of detection/segmentation training at 1-2 images per device, weights are a large share of
-    what a step keeps alive: GN+WS measured ~2x GN's saved memory on DeepLabV3-R50 at 32x32. Here backward
+    what a step keeps alive (docs/bench: a weight copy per layer, 151 MB on a DeepLabV3-R50 step). Here backward
     recomputes the standardized weight from the weight (a parameter, alive anyway) and two numbers per filter,
     which costs one pass over the weights, and saves only the input, like ``nn.Conv2d``.
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from gnlightning.convert import _convert, revert_sync_batchnorm
+from gnlightning.convert import convert_with_report, revert_sync_batchnorm
 from gnlightning.lightning.compat import bases
 
 __all__ = ["SyncBatchNormPlugin"]
@@ -36,7 +36,7 @@ class SyncBatchNormPlugin(*bases("plugins.layer_sync.TorchSyncBatchNorm")):
         self.group_size = group_size
 
     def apply(self, model: nn.Module) -> nn.Module:
-        converted, _ = _convert(model, "syncbn", {"group_size": self.group_size}, only=(_BatchNorm,))
+        converted, _ = convert_with_report(model, "syncbn", {"group_size": self.group_size}, only=(_BatchNorm,))
         return converted
 
     def revert(self, model: nn.Module) -> nn.Module:

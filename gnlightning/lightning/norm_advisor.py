@@ -12,6 +12,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from gnlightning.config_values import as_int
 from gnlightning.distributed import group_world_size
+from gnlightning.layers.registry import is_norm
 from gnlightning.layers.sync_batchnorm import SyncBatchNorm
 from gnlightning.lightning.compat import bases
 
@@ -155,7 +156,7 @@ def health(module: nn.Module) -> dict[str, float]:
         if isinstance(m, _BatchNorm) and m.running_var is not None:
             variances.append(m.running_var.float().clamp_min(1e-12).log())
         weight = getattr(m, "weight", None)
-        if isinstance(m, (_BatchNorm, nn.GroupNorm)) and isinstance(weight, torch.Tensor):
+        if is_norm(m) and isinstance(weight, torch.Tensor):
             gammas.append(weight.detach().float().abs())
     figures = {}
     if variances:

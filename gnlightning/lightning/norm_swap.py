@@ -13,7 +13,7 @@ import fsspec
 import torch
 from torch import nn
 
-from gnlightning.convert import ConversionReport, _convert, convert_norms
+from gnlightning.convert import ConversionReport, convert_norms, convert_with_report
 from gnlightning.layers.create_norm import resolve_norm_name
 from gnlightning.lightning.compat import bases
 
@@ -179,7 +179,7 @@ def apply_spec(root: nn.Module, spec: dict[str, Any]) -> ConversionReport:
             f"NormSwap(module={path!r}): {type(root).__name__} has no submodule {path!r} (at the time of the swap); "
             "give a dotted path as in model.named_modules(), e.g. 'model.backbone'"
         ) from error
-    converted, report = _convert(target, spec["norm"], spec.get("options", {}))
+    converted, report = convert_with_report(target, spec["norm"], spec.get("options", {}))
     if converted is not target:  # the submodule itself was a norm layer
         parent, _, name = path.rpartition(".")
         setattr(root.get_submodule(parent), name, converted)

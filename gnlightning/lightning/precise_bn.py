@@ -20,6 +20,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from gnlightning.config_values import as_int
 from gnlightning.distributed import all_reduce_sum, group_world_size
+from gnlightning.layers.registry import updates_running_stats
 from gnlightning.lightning.compat import bases
 
 __all__ = ["PreciseBN", "overrides_forward", "update_bn_stats"]
@@ -51,7 +52,7 @@ def update_bn_stats(
     identical buffers. Returns the number of batches used.
     """
     if bn_layers is None:
-        bn_layers = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
+        bn_layers = [m for m in model.modules() if updates_running_stats(m)]
     if not bn_layers:
         return 0
     modes = [(m, m.training) for m in model.modules()]
@@ -202,8 +203,7 @@ class PreciseBN(*bases("callbacks.Callback")):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         # The BN layers that train are only known while training: by on_validation_start Lightning has put the
         # whole model in eval mode. One list comprehension per step is noise next to a forward pass.
-        self._bn_layers = [m for m in pl_module.modules()
-                           if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
+        self._bn_layers = [m for m in pl_module.modules() if updates_running_stats(m)]
 
     def on_validation_start(self, trainer, pl_module) -> None:
         epoch = trainer.current_epoch

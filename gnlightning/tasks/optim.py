@@ -8,9 +8,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["param_groups", "poly_warmup", "build_optimizers"]
+from gnlightning.layers.registry import is_norm
 
-_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+__all__ = ["param_groups", "poly_warmup", "build_optimizers"]
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -25,7 +25,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             if not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
-            (no_decay if isinstance(module, _NORMS) or name == "bias" or param.ndim <= 1 else decay).append(param)
+            (no_decay if is_norm(module) or name == "bias" or param.ndim <= 1 else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

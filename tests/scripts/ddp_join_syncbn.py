@@ -8,14 +8,13 @@ images: uneven in size and in number. SyncBN's own collectives cannot be shadowe
 ``throw_on_early_termination=True`` (what torch documents for models with such collectives): every rank raises
 when the first one runs out, catches it, and checks that all ranks still hold the same parameters.
 
-Options (for experiments; the default is the plain scenario):
+Options (for experiments; the default is the plain scenario); GNLIGHTNING_HOST_ALL_REDUCE=1 in the environment
+sends SyncBN's collectives over the host-local channel, as in gnlightning.distributed:
   norm=bn              plain BatchNorm2d instead of SyncBatchNorm
-  channel=off          no host-local channel: every collective through torch.distributed
   destroy=no           leave the default process group to the interpreter's exit
 """
 
 import datetime
-import os
 import sys
 
 import torch
@@ -24,14 +23,11 @@ from torch import nn
 from torch.distributed.algorithms.join import Join
 from torch.nn.parallel import DistributedDataParallel
 
-import gnlightning.distributed
 from gnlightning import SyncBatchNorm
 
 
 def main(options: dict[str, str]) -> None:
     torch.set_num_threads(1)
-    if options.get("channel") == "off":
-        gnlightning.distributed.host_channel = lambda group=None: None
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     rank = dist.get_rank()
     torch.manual_seed(0)  # same initial model on every rank
