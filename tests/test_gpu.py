@@ -34,7 +34,6 @@ import torch
 import torch.distributed as dist
 import torchvision
 from torch import nn
-from torch.nn import functional as F
 from torch.testing import assert_close
 
 from gnlightning import FrozenBatchNorm2d, SyncBatchNorm, WSConv2d, convert_norms
