@@ -17,6 +17,7 @@ from gnlightning.convert import convert_norms, describe_norms, revert_sync_batch
 from gnlightning.export import prepare_for_export
 from gnlightning.layers import FrozenBatchNorm2d, SyncBatchNorm, WSConv2d, create_norm, get_norm_layer
 from gnlightning.log import install as _install_logging
+from gnlightning.norm_spec import NormSpec
 
 _install_logging()  # every entry point imports this package first; nothing above logs at import
 
@@ -32,7 +33,7 @@ _LAZY = {
 
 __all__ = [
     "convert_norms", "create_norm", "describe_norms", "get_norm_layer", "prepare_for_export", "revert_sync_batchnorm",
-    "FrozenBatchNorm2d", "SyncBatchNorm", "WSConv2d",
+    "FrozenBatchNorm2d", "NormSpec", "SyncBatchNorm", "WSConv2d",
     *_LAZY,
 ]
 

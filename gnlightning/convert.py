@@ -13,18 +13,17 @@ such as bn -> syncbn -> bn are exact to the bit.
 from __future__ import annotations
 
 import fnmatch
-import inspect
 import logging
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from gnlightning.layers.batchnorm_xd import BatchNormXd
-from gnlightning.layers.create_norm import create_norm, entry_groups, resolve_norm_name
+from gnlightning.layers.create_norm import create_norm, entry_groups
 from gnlightning.layers.frozen_bn import FrozenBatchNorm2d
 from gnlightning.layers.group_norm import (MIN_VALUES_PER_GROUP, GroupSizeCheck, degenerate_message, feature_groups,
                                            resolve_num_groups)
@@ -32,6 +31,7 @@ from gnlightning.layers.norm_act import SyncBatchNormAct
 from gnlightning.layers.registry import REGISTRY, LayerOptions, norm_kind, timm_layers
 from gnlightning.layers.sync_batchnorm import SyncBatchNorm
 from gnlightning.layers.ws_conv import WSConv2d
+from gnlightning.norm_spec import NormSpec
 
 __all__ = ["convert_norms", "convert_with_report", "revert_sync_batchnorm", "describe_norms", "NormRow", "NormTable", "ConversionReport",
            "NormConversionWarning"]
@@ -143,23 +143,12 @@ def _matches(name: str, patterns: Sequence[str]) -> list[str]:
     return [p for p in patterns if any(fnmatch.fnmatchcase(prefix, p) for prefix in prefixes)]
 
 
-def _as_patterns(value: str | Iterable[str] | None, option: str) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    patterns = list(value)
-    if not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"{option} must be a module-name glob or a list of them, got {value!r}")
-    return patterns
-
-
 class _Scope:
     """include / exclude filtering by module name, remembering which patterns ever matched."""
 
-    def __init__(self, include, exclude) -> None:
-        self.include = _as_patterns(include, "include")
-        self.exclude = _as_patterns(exclude, "exclude")
+    def __init__(self, spec: NormSpec) -> None:
+        self.include = list(spec.include or ())
+        self.exclude = list(spec.exclude or ())
         self.used: set[str] = set()
 
     def why_not(self, name: str) -> str | None:
@@ -205,9 +194,9 @@ def _feeds_features(previous: nn.Module | None, source: _Source) -> bool:
             and not issubclass(source_class, (nn.BatchNorm2d, nn.BatchNorm3d)))
 
 
-def _target_groups(source: _Source, norm: str, options: dict, features: bool) -> int | None:
-    return entry_groups(REGISTRY[norm], source.channels, options["num_groups"], options["group_size"],
-                        options["strict"], source.name, policy=feature_groups if features else resolve_num_groups)
+def _target_groups(source: _Source, spec: NormSpec, features: bool) -> int | None:
+    return entry_groups(REGISTRY[spec.target], source.channels, spec.num_groups, spec.group_size, spec.strict,
+                        source.name, policy=feature_groups if features else resolve_num_groups)
 
 
 def _why_unfit(source: _Source, norm: str) -> str | None:
@@ -263,13 +252,13 @@ def _skip_warnings(norm: str, module: nn.Module, report: ConversionReport, stric
         report.warnings.append(message)
 
 
-def _build(source: _Source, norm: str, groups: int | None, options: dict) -> nn.Module:
+def _build(source: _Source, norm: str, groups: int | None, eps: float | None, process_group: Any) -> nn.Module:
     """The layer that replaces ``source``: same channels, device, dtype, mode, affine values, statistics."""
     old = source.module
     reference = source.tensor
     factory = {"device": None if reference is None else reference.device,
                "dtype": None if reference is None else reference.dtype}
-    eps = options["eps"] if options["eps"] is not None else source.eps
+    eps = eps if eps is not None else source.eps
     fused = _has_act(old)
     layers = timm_layers("a fused norm+act layer") if fused else None
     if norm == "bn":
@@ -284,7 +273,7 @@ def _build(source: _Source, norm: str, groups: int | None, options: dict) -> nn.
     elif norm == "syncbn":
         cls = SyncBatchNormAct if fused else SyncBatchNorm
         new = cls(source.channels, eps=eps, momentum=source.momentum, affine=source.affine,
-                  track_running_stats=source.track_running_stats, process_group=options["process_group"], **factory,
+                  track_running_stats=source.track_running_stats, process_group=process_group, **factory,
                   **({} if source.bias else {"bias": False}))
         new._source_class = source.bn_class
     elif norm == "frozen_bn":
@@ -335,56 +324,21 @@ def _carry_state(old: nn.Module, new: nn.Module) -> None:
                 new._buffers[name] = value
 
 
-@dataclass(frozen=True)
-class _Request:
-    """convert_norms' keyword arguments, checked and resolved once (the target name, ws's default, syncbn's
-    consecutive-rank groups); the planning functions below read only this."""
-
-    norm: str
-    target: str  # the norm layers' kind: gn_ws's is gn (its WS half lives in the convolutions)
-    num_groups: int | None
-    group_size: int | None
-    strict: bool
-    ws: bool | str
-    ws_eps: float
-    eps: float | None
-    include: Any
-    exclude: Any
-    process_group: Any
-
-    @classmethod
-    def bind(cls, module: nn.Module, norm: str, options: dict[str, Any]) -> "_Request":
-        bound = inspect.signature(convert_norms).bind(module, norm, **options)  # unknown options: TypeError
-        bound.apply_defaults()
-        arguments = {key: value for key, value in bound.arguments.items() if key not in ("module", "norm")}
-        norm = resolve_norm_name(norm)
-        if not isinstance(module, nn.Module):
-            raise TypeError(f"convert_norms expects an nn.Module, got {type(module).__name__}")
-        if arguments["ws"] is None:
-            arguments["ws"] = "auto" if norm == "gn_ws" else False
-        if arguments["ws"] not in (True, False, "auto"):
-            raise ValueError(f"ws must be 'auto', True or False, got {arguments['ws']!r}")
-        if norm == "syncbn" and arguments["group_size"] is not None:
-            arguments["process_group"] = _consecutive_group(arguments["group_size"], arguments["process_group"])
-            arguments["group_size"] = None
-        return cls(norm=norm, target="gn" if norm == "gn_ws" else norm, **arguments)
-
-    @property
-    def build_options(self) -> dict[str, Any]:
-        return {"num_groups": self.num_groups, "group_size": self.group_size, "strict": self.strict, "eps": self.eps,
-                "process_group": self.process_group}
-
-
-def _consecutive_group(group_size: int, process_group: Any) -> Any:
-    """syncbn's ``group_size``: the group of that many consecutive ranks that holds this one."""
+def _process_group(spec: NormSpec, process_group: Any) -> Any:
+    """The group syncbn synchronises within: ``process_group``, or the ``sync_group_size`` consecutive ranks that
+    hold this one (None: the whole world)."""
+    group_size = spec.sync_group_size
+    if group_size is None:
+        return process_group
     if process_group is not None:
-        raise ValueError("pass either process_group or group_size for syncbn, not both")
+        raise ValueError("pass either process_group or sync_group_size for syncbn, not both")
     from gnlightning.distributed import is_distributed, new_consecutive_groups
 
     if not is_distributed():
         raise ValueError(
-            f"syncbn with group_size={group_size} needs an initialised torch.distributed process group; convert "
-            "inside each training process (SyncBatchNormPlugin(group_size=...) does this under Lightning DDP)"
+            f"syncbn with sync_group_size={group_size} needs an initialised torch.distributed process group; "
+            "convert inside each training process (SyncBatchNormPlugin(sync_group_size=...) does this under "
+            "Lightning DDP)"
         )
     return new_consecutive_groups(group_size)
 
@@ -400,11 +354,11 @@ class _Plan:
     norm_names: list[str] = field(default_factory=list)  # every norm layer of the model, in scope or not
 
 
-def _plan_norm(name: str, child: nn.Module, kind: str, previous: tuple[str, nn.Module] | None, request: _Request,
-               scope: _Scope, plan: _Plan, report: ConversionReport) -> None:
+def _plan_norm(name: str, child: nn.Module, kind: str, previous: tuple[str, nn.Module] | None, spec: NormSpec,
+               process_group: Any, scope: _Scope, plan: _Plan, report: ConversionReport) -> None:
     """Plan the replacement of one norm layer (or record why it stays)."""
     source = _Source.read(name, child, kind)
-    reason = scope.why_not(name) or _why_unfit(source, request.target)
+    reason = scope.why_not(name) or _why_unfit(source, spec.target)
     if reason is not None:
         report.skipped.append((name, reason))
         return
@@ -412,30 +366,30 @@ def _plan_norm(name: str, child: nn.Module, kind: str, previous: tuple[str, nn.M
     if isinstance(previous_module, nn.Conv2d) and previous_module.out_channels == source.channels:
         plan.ws_candidates.append((previous_name, previous_module))
     features = _feeds_features(previous_module, source)
-    groups = _target_groups(source, request.target, request.build_options, features)
-    if _is_target(source, request.target, groups):
+    groups = _target_groups(source, spec, features)
+    if _is_target(source, spec.target, groups):
         report.unchanged += 1
-        if request.target == "syncbn" and request.process_group is not None:
+        if spec.target == "syncbn" and process_group is not None:
             plan.resync.append(child)
         return
-    new = _build(source, request.target, groups, request.build_options)
+    new = _build(source, spec.target, groups, spec.eps, process_group)
     if groups is not None and features:  # (N, C) input: the values per group are known now
         values = source.channels // groups
         if values < MIN_VALUES_PER_GROUP:
             message = degenerate_message(name, values, groups, source.channels,
                                          f"(N, {source.channels}) features after {previous_name!r}")
-            if request.strict:
+            if spec.strict:
                 raise ValueError(message + " (raised because strict=True; the model is unchanged)")
             report.warnings.append(message)
-    elif groups is not None or request.target == "frn":  # depends on the input's spatial size: checked at the
+    elif groups is not None or spec.target == "frn":  # depends on the input's spatial size: checked at the
         # first forward (FRN normalizes each channel over H x W: on 1x1 maps it only keeps the sign)
-        new.register_forward_pre_hook(GroupSizeCheck(name, request.strict))
+        new.register_forward_pre_hook(GroupSizeCheck(name, spec.strict))
     plan.replacements[name] = new
     report.converted[(type(child).__name__, type(new).__name__)] += 1
 
 
-def _plan_norms(module: nn.Module, request: _Request, scope: _Scope, only: tuple[type, ...] | None,
-                report: ConversionReport) -> _Plan:
+def _plan_norms(module: nn.Module, spec: NormSpec, process_group: Any, scope: _Scope,
+                only: tuple[type, ...] | None, report: ConversionReport) -> _Plan:
     """Walk the model in registration order (each norm layer sees the module registered before it, for WS and for
     ``(N, C)`` features) and plan every norm layer's replacement."""
     plan = _Plan()
@@ -449,16 +403,16 @@ def _plan_norms(module: nn.Module, request: _Request, scope: _Scope, only: tuple
             last_norm = name
             plan.norm_names.append(name)
             if only is None or isinstance(child, only):
-                _plan_norm(name, child, kind, previous, request, scope, plan, report)
+                _plan_norm(name, child, kind, previous, spec, process_group, scope, plan, report)
         previous = (name, child)
     return plan
 
 
-def _plan_ws(module: nn.Module, request: _Request, scope: _Scope, plan: _Plan, report: ConversionReport) -> None:
+def _plan_ws(module: nn.Module, spec: NormSpec, scope: _Scope, plan: _Plan, report: ConversionReport) -> None:
     """Plan Weight Standardization: ``"auto"`` wraps the convolutions right before converted norm layers, ``True``
     every plain Conv2d in scope; a request with nothing to wrap warns (or raises, for an explicit ``True``)."""
     in_scope = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Conv2d) and scope.why_not(n) is None]
-    pool = plan.ws_candidates if request.ws == "auto" else in_scope
+    pool = plan.ws_candidates if spec.ws_mode == "auto" else in_scope
     already, ws_types = 0, _ws_types()
     for name, conv in pool:
         if isinstance(conv, ws_types) or scope.why_not(name) is not None:
@@ -467,11 +421,11 @@ def _plan_ws(module: nn.Module, request: _Request, scope: _Scope, plan: _Plan, r
         if type(conv) is not nn.Conv2d:  # e.g. timm's Conv2dSame: its forward would be lost
             report.skipped.append((name, f"{type(conv).__name__} is not a plain Conv2d"))
             continue
-        plan.replacements[name] = WSConv2d.from_conv(conv, eps=request.ws_eps)
+        plan.replacements[name] = WSConv2d.from_conv(conv, eps=spec.ws_eps)
         report.wrapped += 1
     if report.wrapped or already:
         return
-    norm, ws = request.norm, request.ws
+    norm, ws = spec.norm, spec.ws_mode
     no_ws = "ws=False" + (" (or norm='gn', GroupNorm without WS)" if norm == "gn_ws" else "")
     if ws is True or not in_scope:
         # WS standardizes convolution filters: asked for explicitly with no convolution to act on, the request
@@ -503,66 +457,47 @@ def _apply(module: nn.Module, plan: _Plan, process_group: Any) -> nn.Module:
     return module
 
 
-def convert_with_report(module: nn.Module, norm: str, options: dict[str, Any] | None = None,
+def convert_with_report(module: nn.Module, spec: NormSpec, process_group: Any = None,
                         only: tuple[type, ...] | None = None) -> tuple[nn.Module, ConversionReport]:
     """:func:`convert_norms` for callers that show its outcome themselves (NormSwap logs it once per run, on rank 0):
-    the converted root and the :class:`ConversionReport`, with nothing logged or warned. ``options`` are
-    convert_norms' keyword arguments (unknown ones raise TypeError); ``only`` restricts the source layers to these
-    classes (SyncBatchNormPlugin converts BatchNorm only).
+    the converted root and the :class:`ConversionReport`, with nothing logged or warned. ``only`` restricts the
+    source layers to these classes (SyncBatchNormPlugin converts BatchNorm only).
 
     Phase 1 plans every replacement without touching ``module`` (errors leave it as it was); phase 2 applies them.
     """
-    request = _Request.bind(module, norm, options or {})
-    report = ConversionReport(request.norm)
-    scope = _Scope(request.include, request.exclude)
-    plan = _plan_norms(module, request, scope, only, report)
-    if request.ws:
-        _plan_ws(module, request, scope, plan, report)
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"convert_norms expects an nn.Module, got {type(module).__name__}")
+    if spec.norm == "syncbn":
+        process_group = _process_group(spec, process_group)
+    report = ConversionReport(spec.norm)
+    scope = _Scope(spec)
+    plan = _plan_norms(module, spec, process_group, scope, only, report)
+    if spec.ws_mode:
+        _plan_ws(module, spec, scope, plan, report)
     if not plan.norm_names:
         report.warnings.append(
-            f"convert_norms({request.norm!r}): {type(module).__name__} has no BatchNorm, SyncBatchNorm, "
+            f"convert_norms({spec.norm!r}): {type(module).__name__} has no BatchNorm, SyncBatchNorm, "
             "FrozenBatchNorm2d, GroupNorm, EvoNorm or FRN layer; returning it unchanged")
-    _skip_warnings(request.norm, module, report, request.strict)
+    _skip_warnings(spec.norm, module, report, spec.strict)
     scope.warn_unused(plan.norm_names)
-    return _apply(module, plan, request.process_group), report
+    return _apply(module, plan, process_group), report
 
 
-def convert_norms(
-    module: nn.Module,
-    norm: str,
-    *,
-    num_groups: int | None = 32,
-    group_size: int | None = None,
-    strict: bool = False,
-    ws: bool | str | None = None,
-    ws_eps: float = 1e-6,
-    eps: float | None = None,
-    include: str | Iterable[str] | None = None,
-    exclude: str | Iterable[str] | None = None,
-    process_group: torch.distributed.ProcessGroup | None = None,
-) -> nn.Module:
+def convert_norms(module: nn.Module, norm: str | NormSpec, *,
+                  process_group: torch.distributed.ProcessGroup | None = None, **options: Any) -> nn.Module:
     """Replace every normalization layer of ``module`` by ``norm`` and return the (possibly new) root.
+
+    ``convert_norms(model, "gn_ws", num_groups=16)`` or ``convert_norms(model, NormSpec("gn_ws", num_groups=16))``.
 
     Args:
         module: any nn.Module; it is modified in place, except when the root itself is a norm layer, so always use
             the returned module.
-        norm: one of ``bn, syncbn, gn, gn_ws, frozen_bn, ln, in`` (case-insensitive; ``GN+WS``, ``SyncBN``,
-            ``FrozenBN`` ... accepted).
-        num_groups: groups per GroupNorm for ``gn`` / ``gn_ws`` (default 32, as in the GN paper).
-        group_size: for ``gn`` / ``gn_ws``, channels per group instead of ``num_groups``; for ``syncbn``, the
-            number of consecutive ranks that share statistics (needs an initialised process group).
-        strict: raise instead of warning: when the group request does not divide a layer (instead of using the
-            nearest divisor), when a layer in scope cannot be converted (instead of leaving it), and when a
-            GroupNorm would normalize fewer than 8 values per group (at conversion where the input shape is
-            clear, else at the layer's first forward).
-        ws: Weight Standardization on the convolutions: ``"auto"`` (default for ``gn_ws``) wraps each plain Conv2d
-            registered right before a converted norm layer with matching channels, ``True`` every Conv2d in scope,
-            ``False`` (default otherwise) none.
-        ws_eps: eps inside WS's square root.
-        eps: eps of the new norm layers (default: keep each old layer's eps).
-        include, exclude: module-name globs limiting the conversion (a pattern matching a module covers all of its
-            descendants); a pattern that matches nothing warns.
-        process_group: for ``syncbn``, the group to synchronise within (default: the whole world).
+        norm: a norm name (``bn, syncbn, gn, gn_ws, frozen_bn, ln, in, evonorm_s0, frn``, case-insensitive;
+            ``GN+WS``, ``SyncBN`` ... accepted) or a :class:`~gnlightning.NormSpec`.
+        options: :class:`~gnlightning.NormSpec`'s options (``num_groups``, ``group_size``, ``sync_group_size``,
+            ``strict``, ``ws``, ``ws_eps``, ``eps``, ``include``, ``exclude``), documented there.
+        process_group: for ``syncbn``, the group to synchronise within (default: the whole world, or
+            ``sync_group_size`` consecutive ranks).
 
     Recognised source layers: BatchNorm1d/2d/3d, torch and gnlightning SyncBatchNorm, torchvision and timm
     FrozenBatchNorm2d, GroupNorm, and timm's fused norm+act layers (whose activation and dropout are kept).
@@ -571,14 +506,14 @@ def convert_norms(
     them, and a frozen layer remembers them for the way back).
 
     Loud, never silently wrong: layers left unconverted for a reason the user did not ask for (e.g. ``frozen_bn``
-    on a layer without running statistics) and GroupNorms over too few values per group (``in`` or 32 groups on
-    the ``(N, C)`` features of an MLP) give a :class:`NormConversionWarning` naming the layer and the fix, or a
-    ValueError with ``strict=True``. For ``(N, C)`` features (a norm right after an ``nn.Linear``) ``gn`` uses at
-    least 16 channels per group unless ``group_size`` says otherwise; every other converted GroupNorm checks its
-    values per group at its first forward.
+    on a layer without running statistics), include / exclude patterns that match nothing, and GroupNorms over too
+    few values per group (``in`` or 32 groups on the ``(N, C)`` features of an MLP) give a
+    :class:`NormConversionWarning` naming the layer and the fix, or a ValueError with ``strict=True``. For ``(N, C)``
+    features (a norm right after an ``nn.Linear``) ``gn`` uses at least 16 channels per group unless
+    ``group_size`` says otherwise; every other converted GroupNorm checks its values per group at its first forward.
     """
-    options = {key: value for key, value in locals().items() if key not in ("module", "norm")}
-    converted, report = convert_with_report(module, norm, options)
+    spec = NormSpec.of(norm, **options)
+    converted, report = convert_with_report(module, spec, process_group)
     log.info("convert_norms(%s): %s", report.norm, report)
     for message in report.warnings:
         warnings.warn(message, NormConversionWarning, stacklevel=2)
@@ -592,7 +527,7 @@ def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
     rank-agnostic ``BatchNormXd`` is used. Values, training mode and names are kept exactly."""
     if not any(isinstance(m, _SYNC_BN) for m in module.modules()):
         return module
-    converted, report = convert_with_report(module, "bn", only=_SYNC_BN)
+    converted, report = convert_with_report(module, NormSpec("bn"), only=_SYNC_BN)
     log.debug("revert_sync_batchnorm: %s", report)
     return converted
 

@@ -159,10 +159,10 @@ def host_channel(group: ProcessGroup | None = None) -> HostAllReduce | None:
     return _per_world(_HOST_CHANNELS, key, lambda: _connect_host_channel(group, key))
 
 
-def new_consecutive_groups(group_size: int) -> ProcessGroup | None:
-    """Return the process group of consecutive ranks that contains this rank.
+def new_consecutive_groups(sync_group_size: int) -> ProcessGroup | None:
+    """Return the process group of ``sync_group_size`` consecutive ranks that contains this rank.
 
-    The world is cut into blocks ``{0..g-1}, {g..2g-1}, ...`` with ``g = group_size``. Consecutive blocks are what
+    The world is cut into blocks ``{0..g-1}, {g..2g-1}, ...`` with ``g = sync_group_size``. Consecutive blocks are what
     "sync BN over the GPUs of one node" (or over pairs of GPUs) means with the usual rank layout, where a node's
     local ranks are numbered consecutively, and it keeps intra-group traffic on the fast intra-node links.
 
@@ -171,25 +171,25 @@ def new_consecutive_groups(group_size: int) -> ProcessGroup | None:
     exchanges addresses), so a rank that skipped a block would either block forever or pair up its later groups
     with the wrong group ids on other ranks.
 
-    Groups are cached per ``group_size`` (and per default group): converting several models, or the same model
+    Groups are cached per size (and per default group): converting several models, or the same model
     twice, must not create new groups each time -- group creation is slow, holds communicator resources (NCCL
     memory), and would itself have to happen in lockstep on all ranks.
 
     Returns:
-        The group containing this rank. ``torch.distributed.group.WORLD`` when ``group_size`` equals the world
-        size (no new group is needed for that), and ``None`` when torch.distributed is not initialized and
-        ``group_size`` is 1 (there is nothing to synchronize with).
+        The group containing this rank. ``torch.distributed.group.WORLD`` when ``sync_group_size`` equals the
+        world size (no new group is needed for that), and ``None`` when torch.distributed is not initialized and
+        ``sync_group_size`` is 1 (there is nothing to synchronize with).
 
     Raises:
-        ValueError: if ``group_size`` is not a positive divisor of the world size.
+        ValueError: if ``sync_group_size`` is not a positive divisor of the world size.
     """
     world_size = group_world_size()
     valid = [size for size in range(1, world_size + 1) if world_size % size == 0]
-    size = as_int(group_size)
+    size = as_int(sync_group_size)
     if size not in valid:
         where = "" if is_distributed() else " (torch.distributed is not initialized, so the world is this process)"
         raise ValueError(
-            f"group_size={group_size!r} must be a positive divisor of the world size {world_size}{where}; "
+            f"sync_group_size={sync_group_size!r} must be a positive divisor of the world size {world_size}{where}; "
             f"valid choices: {valid}"
         )
     group_size = size

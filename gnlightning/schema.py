@@ -9,6 +9,7 @@ the target's signature by :func:`check_target`, which Hydra cannot do by itself.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import inspect
@@ -22,6 +23,7 @@ from hydra.utils import get_object
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from gnlightning.models.builders import task_of
+from gnlightning.norm_spec import NormSpec
 
 __all__ = ["NormConfig", "ModelConfig", "OptimConfig", "TrainerConfig", "TrainConfig", "check_target",
            "explicit_arguments", "register", "trainer_config_class"]
@@ -71,17 +73,23 @@ def trainer_config_class(target: str = "lightning.pytorch.Trainer") -> type:
 
 TrainerConfig = trainer_config_class()
 
-@dataclass
-class NormConfig:
-    name: str = MISSING  # validated by resolve_norm_name, which lists the valid names
-    num_groups: int = 32
-    group_size: Optional[int] = None
-    strict: bool = False
-    ws: Any = None  # "auto", true or false; null = the norm's default
-    eps: Optional[float] = None
-    include: Optional[List[str]] = None
-    exclude: Optional[List[str]] = None
-    sync_group_size: Optional[int] = None
+def norm_config_class() -> type:
+    """The ``norm`` node: ``name`` and :class:`~gnlightning.NormSpec`'s options, with its types and defaults
+    (generated, so that the config cannot drift from what convert_norms takes). NormSpec checks the values."""
+    hints = typing.get_type_hints(NormSpec)
+    fields: list[tuple[str, Any, Any]] = [("name", str, field(default=MISSING))]
+    for spec_field in dataclasses.fields(NormSpec)[1:]:
+        if spec_field.name in ("include", "exclude"):
+            kind = Optional[List[str]]
+        elif spec_field.name == "ws":
+            kind = Any  # "auto", true or false: a Union node of bool and str fails OmegaConf 2.3's merges
+        else:
+            kind = _config_type(hints[spec_field.name], spec_field.default)
+        fields.append((spec_field.name, kind, field(default=spec_field.default)))
+    return make_dataclass("NormConfig", fields)
+
+
+NormConfig = norm_config_class()
 
 
 @dataclass

@@ -6,6 +6,7 @@ composed config together, so that a run is reproducible from its ``.hydra/config
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -20,10 +21,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from gnlightning.layers import resolve_norm_name
 from gnlightning.lightning.checkpoint_io import AtomicCheckpointIO
 from gnlightning.lightning.precise_bn import PreciseBN
 from gnlightning.models import build_model, task_of
+from gnlightning.norm_spec import NormSpec
 from gnlightning.schema import check_target, explicit_arguments, register
 from gnlightning.tasks import DetectionTask, SegmentationTask
 
@@ -32,12 +33,16 @@ log = logging.getLogger("gnlightning")
 register()
 
 
-def norm_settings(cfg: DictConfig) -> tuple[str, dict[str, Any]]:
-    """The norm name and convert_norms options of a ``norm`` node."""
+def norm_spec(cfg: DictConfig) -> NormSpec:
+    """The NormSpec of a ``norm`` node: its ``name`` and options (null: NormSpec's default)."""
     options = OmegaConf.to_container(cfg, resolve=True)
-    name = resolve_norm_name(options.pop("name"))
-    options.pop("sync_group_size", None)
-    return name, {k: v for k, v in options.items() if v is not None}
+    return NormSpec.of(options.pop("name"), **{key: value for key, value in options.items() if value is not None})
+
+
+def built_norm(spec: NormSpec) -> NormSpec:
+    """What the model is built with: ``syncbn`` trains BatchNorm, which SyncBatchNormPlugin synchronises inside each
+    DDP process (and reverts after fit)."""
+    return dataclasses.replace(spec, norm="bn", sync_group_size=None) if spec.norm == "syncbn" else spec
 
 
 def world_size(trainer_cfg: DictConfig) -> int:
@@ -105,15 +110,13 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, li
     for name, node in (cfg.callbacks or {}).items():
         if node is not None:
             check_target(node, f"callbacks.{name}")
-    norm, options = norm_settings(cfg.norm)
+    spec = norm_spec(cfg.norm)
     plugins: list = [AtomicCheckpointIO()]  # last.ckpt is the old or the new one, never a torn file
-    if norm == "syncbn":
-        # BN is built, and SyncBatchNormPlugin synchronises it inside each DDP process (and reverts after fit).
-        norm = "bn"
+    if spec.norm == "syncbn":
         if world_size(cfg.trainer) > 1:
             from gnlightning import SyncBatchNormPlugin
 
-            plugins.append(SyncBatchNormPlugin(group_size=cfg.norm.get("sync_group_size")))
+            plugins.append(SyncBatchNormPlugin(spec.sync_group_size))
         else:
             log.info("norm=syncbn on a single device: nothing to synchronise with, training plain BatchNorm")
     data = instantiate(cfg.data)
@@ -123,7 +126,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, li
                          f"the data (data has {data.num_classes}); remove it from the model config "
                          "(~model.options.num_classes) and set the data's classes instead")
     image_size = _detection_size(data) if task_type == "detection" else None
-    model = build_model(cfg.model.name, data.num_classes, norm=norm, norm_options=options,
+    model = build_model(cfg.model.name, data.num_classes, norm=built_norm(spec),
                         weights=cfg.model.weights, image_size=image_size, **model_options)
     task_class = SegmentationTask if task_type == "segmentation" else DetectionTask
     task = task_class(model, num_classes=data.num_classes, optimizer=instantiate(cfg.optim.optimizer),

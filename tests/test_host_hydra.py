@@ -9,6 +9,7 @@ and convert the app's model, with every ``callbacks.norm_swap.<option>`` reachin
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 from pathlib import Path
@@ -19,7 +20,8 @@ from hydra.errors import HydraException, InstantiationException, MissingConfigEx
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from gnlightning import NormSwap, convert_norms
+from gnlightning import NormSpec, NormSwap
+from gnlightning.lightning.norm_swap import _record
 from gnlightning.layers import NORMS
 from tests.helpers import error_text, run_python, subprocess_env
 from tests.host.modules import host_classes
@@ -207,12 +209,9 @@ def test_norm_swap_is_the_only_group_the_search_path_adds(apps):
 
 # ------------------------------------------------------------------------------------------------ +norm_swap=<norm>
 def reference_options() -> dict:
-    """NormSwap's ``module`` and convert_norms' keyword options at their defaults, read from the signatures
-    (``process_group`` is an object, not a config value)."""
+    """NormSwap's ``module`` and NormSpec's options at their defaults, read from the signatures."""
     options = {"module": inspect.signature(NormSwap).parameters["module"].default}
-    for name, parameter in inspect.signature(convert_norms).parameters.items():
-        if parameter.kind is parameter.KEYWORD_ONLY and name != "process_group":
-            options[name] = parameter.default
+    options.update((spec_field.name, spec_field.default) for spec_field in dataclasses.fields(NormSpec)[1:])
     return options
 
 
@@ -287,7 +286,7 @@ def test_norm_swap_strict_refuses_groups_that_do_not_divide(apps):
 def test_norm_swap_include_reaches_norm_swap_as_a_plain_list(apps):
     # NormSwap records its options in every checkpoint: a ListConfig there would not load with weights_only.
     _, swap = swapped_model(apps, ["+norm_swap=gn", "callbacks.norm_swap.include=[net.1]"])
-    assert type(swap.spec()["options"]["include"]) is list
+    assert type(_record(swap.targets[0])["options"]["include"]) is list
 
 
 @pytest.mark.parametrize("overrides, exception, message", [

@@ -64,7 +64,7 @@ def test_syncbn_on_one_device_falls_back_to_bn_and_uses_plugin_on_two(train_conf
     cfg = train_config(["norm=syncbn", "trainer=ddp_cpu", "norm.sync_group_size=2", *TINY])
     _, task, plugins = build(cfg)
     assert [type(p).__name__ for p in plugins] == ["AtomicCheckpointIO", "SyncBatchNormPlugin"]
-    assert plugins[1].group_size == 2
+    assert plugins[1].sync_group_size == 2
 
 
 @pytest.mark.parametrize("override, error, message", [
@@ -138,13 +138,13 @@ def test_object_arguments_from_the_config_join_gnl_trains_own(train_config, tmp_
     from gnlightning.lightning.checkpoint_io import AtomicCheckpointIO
 
     cfg = train_config([*TINY, "trainer.strategy=ddp", "trainer.devices=2", "trainer.sync_batchnorm=true",
-                        "trainer.plugins=[{_target_:gnlightning.SyncBatchNormPlugin,group_size:2}]",
+                        "trainer.plugins=[{_target_:gnlightning.SyncBatchNormPlugin,sync_group_size:2}]",
                         "trainer.callbacks=[{_target_:lightning.pytorch.callbacks.Timer}]", "trainer.logger=false",
                         f"trainer.default_root_dir={tmp_path / 'elsewhere'}"])
     build(cfg)
     trainer = fitless_trainer(cfg, tmp_path, logger=CSVLogger(tmp_path), callbacks=[LearningRateMonitor()])
     assert isinstance(trainer.strategy._layer_sync, SyncBatchNormPlugin)
-    assert trainer.strategy._layer_sync.group_size == 2
+    assert trainer.strategy._layer_sync.sync_group_size == 2
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
     assert [sum(isinstance(c, kind) for c in trainer.callbacks) for kind in (LearningRateMonitor, Timer)] == [1, 1]
     assert trainer.logger is None and trainer.default_root_dir == str(tmp_path / "elsewhere")

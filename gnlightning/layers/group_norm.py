@@ -13,7 +13,7 @@ import logging
 from gnlightning.config_values import as_int
 
 __all__ = ["resolve_num_groups", "divisors", "feature_groups", "degenerate_message", "GroupSizeCheck",
-           "MIN_VALUES_PER_GROUP", "FEATURE_GROUP_SIZE"]
+           "MIN_VALUES_PER_GROUP", "FEATURE_GROUP_SIZE", "positive_int"]
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +46,11 @@ def resolve_num_groups(
         raise ValueError(f"GroupNorm needs at least one channel, got num_channels={num_channels} ({layer_name!r})")
     where = f"layer {layer_name!r} " if layer_name else ""
     if group_size is not None:
-        group_size = _positive_int(group_size, "group_size", "channels per group, e.g. group_size=16")
+        group_size = positive_int(group_size, "group_size", "channels per group, e.g. group_size=16")
         requested, asked = max(1, num_channels // group_size), f"group_size={group_size}"
         exact = num_channels % group_size == 0
     else:
-        num_groups = _positive_int(num_groups, "num_groups", "groups per layer, e.g. num_groups=32 as in the GN paper")
+        num_groups = positive_int(num_groups, "num_groups", "groups per layer, e.g. num_groups=32 as in the GN paper")
         requested, asked = num_groups, f"num_groups={num_groups}"
         exact = num_channels % num_groups == 0
     if exact:
@@ -70,7 +70,7 @@ def resolve_num_groups(
     return chosen
 
 
-def _positive_int(value, option: str, meaning: str) -> int:
+def positive_int(value, option: str, meaning: str) -> int:
     """``value`` as an int, or an error naming the option, the value and an example (a float or a string from a
     config would otherwise fail later with an unrelated comparison error, or silently round)."""
     number = as_int(value)

@@ -7,6 +7,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from gnlightning.convert import convert_with_report, revert_sync_batchnorm
 from gnlightning.lightning.compat import bases
+from gnlightning.norm_spec import NormSpec
 
 __all__ = ["SyncBatchNormPlugin"]
 
@@ -28,19 +29,23 @@ class SyncBatchNormPlugin(*bases("plugins.layer_sync.TorchSyncBatchNorm")):
     Only BatchNorm layers are synchronised: frozen BN and GroupNorm layers have nothing to share.
 
     Args:
-        group_size: synchronise within consecutive blocks of this many ranks instead of the whole world
+        sync_group_size: synchronise within consecutive blocks of this many ranks instead of the whole world
             (e.g. the GPUs of one node); ``None`` for all ranks.
     """
 
-    def __init__(self, group_size: int | None = None) -> None:
-        self.group_size = group_size
+    def __init__(self, sync_group_size: int | None = None) -> None:
+        self.spec = NormSpec("syncbn", sync_group_size=sync_group_size)  # checked now, not inside each process
+
+    @property
+    def sync_group_size(self) -> int | None:
+        return self.spec.sync_group_size
 
     def apply(self, model: nn.Module) -> nn.Module:
-        converted, _ = convert_with_report(model, "syncbn", {"group_size": self.group_size}, only=(_BatchNorm,))
+        converted, _ = convert_with_report(model, self.spec, only=(_BatchNorm,))
         return converted
 
     def revert(self, model: nn.Module) -> nn.Module:
         return revert_sync_batchnorm(model)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(group_size={self.group_size})"
+        return f"{type(self).__name__}(sync_group_size={self.sync_group_size})"

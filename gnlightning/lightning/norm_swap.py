@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
-import inspect
 import logging
 import os
 import pickle
@@ -13,9 +11,9 @@ import fsspec
 import torch
 from torch import nn
 
-from gnlightning.convert import ConversionReport, convert_norms, convert_with_report
-from gnlightning.layers.create_norm import resolve_norm_name
+from gnlightning.convert import ConversionReport, convert_with_report
 from gnlightning.lightning.compat import bases
+from gnlightning.norm_spec import NormSpec
 
 __all__ = ["NormSwap", "load_converted", "read_specs", "CHECKPOINT_KEY"]
 
@@ -28,8 +26,8 @@ CHECKPOINT_KEY = "gnlightning_norm_swaps"
 class NormSwap(*bases("callbacks.Callback")):
     """Swap the normalization layers of the LightningModule (or of one submodule) for ``norm``.
 
-    ``Trainer(callbacks=[NormSwap("gn_ws")])`` is all it takes; options are those of :func:`gnlightning.convert_norms`
-    (``num_groups``, ``group_size``, ``ws``, ``include``, ``exclude`` ...). ``module="model.backbone"`` limits the swap
+    ``Trainer(callbacks=[NormSwap("gn_ws")])`` is all it takes; options are those of :class:`gnlightning.NormSpec`
+    (``num_groups``, ``group_size``, ``ws``, ``include``, ``exclude`` ...), or pass a NormSpec. ``module="model.backbone"`` limits the swap
     to that submodule, so several NormSwaps compose (e.g. ``frozen_bn`` on the backbone, ``gn`` on the heads).
 
     When: the conversion must come after every place users build layers (``__init__``, ``setup``,
@@ -47,13 +45,15 @@ class NormSwap(*bases("callbacks.Callback")):
     a model that should stay SyncBN-shaped in its checkpoints.
     """
 
-    def __init__(self, norm: str, module: str | None = None, **convert_options: Any) -> None:
-        self.norm = resolve_norm_name(norm)
+    def __init__(self, norm: str | NormSpec, module: str | None = None, **options: Any) -> None:
+        try:  # a misspelt option fails when the callback is built, not in the middle of fit
+            self.spec = NormSpec.of(norm, **options)
+        except TypeError as error:
+            raise TypeError(f"NormSwap: {error}") from None
         self.module = module
-        self.convert_options = convert_options
-        _check_options(convert_options, self.norm)
-        self.specs: list[dict[str, Any]] = [self.spec()]
-        self._source: str | None = None  # the checkpoint the specs came from, for repr
+        #: every conversion this callback applies and records, as (submodule path or None, spec)
+        self.targets: list[tuple[str | None, NormSpec]] = [(module, self.spec)]
+        self._source: str | None = None  # the checkpoint the targets came from, for repr
         self._announced: set[str] = set()
 
     @classmethod
@@ -67,15 +67,10 @@ class NormSwap(*bases("callbacks.Callback")):
         ``weights_only`` is passed to ``torch.load`` as Lightning passes it (``None``: torch's default); a trusted
         checkpoint holding pickled hyper-parameters needs ``weights_only=False``.
         """
-        swap = cls.__new__(cls)
-        swap.specs = read_specs(ckpt_path, weights_only)
-        first = swap.specs[0]
-        swap.norm, swap.module, swap.convert_options = first["norm"], first.get("module"), dict(first["options"])
-        swap._source, swap._announced = os.fspath(ckpt_path), set()
+        targets = read_specs(ckpt_path, weights_only)
+        swap = cls(targets[0][1], targets[0][0])
+        swap.targets, swap._source = targets, os.fspath(ckpt_path)
         return swap
-
-    def spec(self) -> dict[str, Any]:
-        return {"norm": self.norm, "module": self.module, "options": dict(self.convert_options)}
 
     def apply(self, pl_module: nn.Module) -> nn.Module:
         """Convert ``pl_module`` (or its submodules) in place, as fit would; returns ``pl_module``.
@@ -87,7 +82,8 @@ class NormSwap(*bases("callbacks.Callback")):
         return pl_module
 
     def _apply(self, pl_module: nn.Module) -> list[tuple[str, ConversionReport]]:
-        return [(_where(spec), apply_spec(pl_module, spec)) for spec in self.specs]
+        return [(f" on {module}" if module else "", apply_spec(pl_module, spec, module))
+                for module, spec in self.targets]
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         original = pl_module.configure_model
@@ -130,31 +126,27 @@ class NormSwap(*bases("callbacks.Callback")):
         pl_module.__dict__.pop("configure_model", None)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
-        specs = checkpoint.setdefault(CHECKPOINT_KEY, [])
-        specs.extend(spec for spec in self.specs if spec not in specs)
+        records = checkpoint.setdefault(CHECKPOINT_KEY, [])
+        records.extend(record for record in map(_record, self.targets) if record not in records)
 
     def __repr__(self) -> str:
         if self._source is not None:
             return f"NormSwap.from_checkpoint({self._source!r})"
-        options = "".join(f", {key}={value!r}" for key, value in self.convert_options.items())
         module = f", module={self.module!r}" if self.module else ""
-        return f"NormSwap({self.norm!r}{module}{options})"
+        return f"NormSwap({self.spec!r}{module})"
 
 
-def _check_options(options: dict[str, Any], norm: str) -> None:
-    """A misspelt option fails when the callback is built, not in the middle of fit."""
-    try:
-        inspect.signature(convert_norms).bind(nn.Identity(), norm, **options)
-    except TypeError as error:
-        valid = [name for name in inspect.signature(convert_norms).parameters if name not in ("module", "norm")]
-        close = [difflib.get_close_matches(key, valid, n=1) for key in options if key not in valid]
-        guess = "".join(f" (did you mean {match[0]!r}?)" for match in close if match)
-        raise TypeError(f"NormSwap: {error}{guess}; options are those of gnlightning.convert_norms: "
-                        f"{', '.join(valid)}") from None
+def _record(target: tuple[str | None, NormSpec]) -> dict[str, Any]:
+    """One conversion as NormSwap writes it into checkpoints: plain values only (``weights_only`` loads)."""
+    module, spec = target
+    return {"norm": spec.norm, "module": module, "options": spec.options()}
 
 
-def _where(spec: dict[str, Any]) -> str:
-    return f" on {spec['module']}" if spec.get("module") else ""
+def _from_record(record: dict[str, Any]) -> tuple[str | None, NormSpec]:
+    options = dict(record.get("options", {}))
+    if record["norm"] == "syncbn" and options.get("group_size") is not None:  # written before sync_group_size
+        options["sync_group_size"] = options.pop("group_size")
+    return record.get("module"), NormSpec.of(record["norm"], **options)
 
 
 def _warn(messages: list[str]) -> None:
@@ -169,9 +161,8 @@ def _spawns(trainer) -> bool:
     return type(launcher).__name__ == "_MultiProcessingLauncher"
 
 
-def apply_spec(root: nn.Module, spec: dict[str, Any]) -> ConversionReport:
-    """Apply one recorded NormSwap setting to ``root`` in place; returns what the conversion did."""
-    path = spec.get("module")
+def apply_spec(root: nn.Module, spec: NormSpec, path: str | None = None) -> ConversionReport:
+    """Convert ``root`` (or its submodule at dotted ``path``) in place; returns what the conversion did."""
     try:
         target = root.get_submodule(path) if path else root
     except AttributeError as error:
@@ -179,15 +170,17 @@ def apply_spec(root: nn.Module, spec: dict[str, Any]) -> ConversionReport:
             f"NormSwap(module={path!r}): {type(root).__name__} has no submodule {path!r} (at the time of the swap); "
             "give a dotted path as in model.named_modules(), e.g. 'model.backbone'"
         ) from error
-    converted, report = convert_with_report(target, spec["norm"], spec.get("options", {}))
+    converted, report = convert_with_report(target, spec)
     if converted is not target:  # the submodule itself was a norm layer
         parent, _, name = path.rpartition(".")
         setattr(root.get_submodule(parent), name, converted)
     return report
 
 
-def read_specs(checkpoint_path: str | os.PathLike, weights_only: bool | None = None) -> list[dict[str, Any]]:
-    """The NormSwap settings recorded in a checkpoint, or a ValueError saying the checkpoint has none."""
+def read_specs(checkpoint_path: str | os.PathLike,
+               weights_only: bool | None = None) -> list[tuple[str | None, NormSpec]]:
+    """The conversions a NormSwap recorded in a checkpoint, as (submodule path or None, spec), or a ValueError
+    saying the checkpoint has none."""
     path = os.fspath(checkpoint_path)
     try:
         with fsspec.open(path, "rb") as handle:
@@ -203,7 +196,7 @@ def read_specs(checkpoint_path: str | os.PathLike, weights_only: bool | None = N
         raise ValueError(
             f"{path} holds no NormSwap settings (key {CHECKPOINT_KEY!r}): it was not written by a Trainer with a "
             "NormSwap callback; load it without NormSwap, or pass the norm yourself: NormSwap('gn_ws', ...)")
-    return specs
+    return [_from_record(record) for record in specs]
 
 
 def load_converted(module_class: type, checkpoint_path: str | os.PathLike, **kwargs: Any):
@@ -215,12 +208,12 @@ def load_converted(module_class: type, checkpoint_path: str | os.PathLike, **kwa
     ``strict``, ``weights_only`` ...; a trusted checkpoint with pickled hyper-parameters needs
     ``weights_only=False``), with the recorded conversions applied right before the weights are loaded (Lightning
     calls ``on_load_checkpoint`` after building the module and running ``configure_model``)."""
-    specs = read_specs(checkpoint_path, kwargs.get("weights_only"))
+    targets = read_specs(checkpoint_path, kwargs.get("weights_only"))
     original = module_class.on_load_checkpoint
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        for spec in specs:
-            apply_spec(self, spec)
+        for path, spec in targets:
+            apply_spec(self, spec, path)
         original(self, checkpoint)
 
     module_class.on_load_checkpoint = on_load_checkpoint

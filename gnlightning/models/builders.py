@@ -12,6 +12,7 @@ import torchvision
 from torch import nn
 
 from gnlightning.convert import convert_norms
+from gnlightning.norm_spec import NormSpec
 from gnlightning.models.timm_detection import timm_detection, timm_maskrcnn
 from gnlightning.models.timm_segmentation import TimmSegmentation
 from gnlightning.models.weights import hub_weights, load_weights
@@ -48,8 +49,7 @@ def build_model(
     name: str,
     num_classes: int,
     *,
-    norm: str | None = None,
-    norm_options: dict[str, Any] | None = None,
+    norm: str | NormSpec | None = None,
     weights: str | None = None,
     image_size: int | None = None,
     **model_options: Any,
@@ -57,8 +57,8 @@ def build_model(
     """Build model ``name`` for ``num_classes`` classes (background included), load ``weights``, convert norms.
 
     Args:
-        norm: the norm to convert to (``None`` keeps the builder's own layers).
-        norm_options: options for :func:`gnlightning.convert_norms`.
+        norm: the norm to convert to, a name or a :class:`~gnlightning.NormSpec` with options (``None`` keeps the
+            builder's own layers).
         weights: a local state dict / Lightning checkpoint path (loaded before the conversion, so BN-pretrained
             affine values initialise the new layers), or a torchvision weights name such as ``"DEFAULT"`` (used only
             when cached or reachable; never hangs offline).
@@ -84,5 +84,5 @@ def build_model(
         is_file = os.path.sep in weights or os.path.exists(weights) or weights.endswith((".pth", ".pt", ".ckpt"))
         load_weights(model, weights if is_file else hub_weights(name, weights).get_state_dict(progress=False))
     if norm is not None:
-        model = convert_norms(model, norm, **(norm_options or {}))
+        model = convert_norms(model, norm)
     return model
