@@ -22,24 +22,21 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from gnlightning.layers.batchnorm_xd import BatchNormXd
-from gnlightning.layers.create_norm import create_norm, entry_groups
-from gnlightning.layers.frozen_bn import FrozenBatchNorm2d
+from gnlightning.layers.create_norm import entry_groups
 from gnlightning.layers.group_norm import (MIN_VALUES_PER_GROUP, GroupSizeCheck, degenerate_message, feature_groups,
                                            resolve_num_groups)
-from gnlightning.layers.norm_act import SyncBatchNormAct
-from gnlightning.layers.registry import REGISTRY, LayerOptions, norm_kind, timm_layers
+from gnlightning.layers.norm_source import NormSource, finish, has_act
+from gnlightning.layers.optional_timm import timm_layers
+from gnlightning.layers.registry import REGISTRY, norm_kind
 from gnlightning.layers.sync_batchnorm import SyncBatchNorm
 from gnlightning.layers.ws_conv import WSConv2d
 from gnlightning.norm_spec import NormSpec
 
-__all__ = ["convert_norms", "convert_with_report", "revert_sync_batchnorm", "describe_norms", "NormRow", "NormTable", "ConversionReport",
-           "NormConversionWarning"]
+__all__ = ["convert_norms", "convert_with_report", "revert_sync_batchnorm", "describe_norms", "NormRow", "NormTable",
+           "ConversionReport", "NormConversionWarning"]
 
 log = logging.getLogger("gnlightning")
 
-# BatchNorm classes whose constructor is the standard one, so a reverted layer can be rebuilt as exactly that class.
-_PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, BatchNormXd)
 _SYNC_BN = (nn.SyncBatchNorm, SyncBatchNorm)
 # Skips the user asked for; every other skip is a surprise and is reported as a warning (or raised with strict).
 _INTENDED_SKIPS = ("not included", "excluded")
@@ -56,56 +53,6 @@ def _ws_types() -> tuple[type, ...]:
     if layers is not None:
         types += (layers.StdConv2d, layers.ScaledStdConv2d)
     return types
-
-
-def _has_act(module: nn.Module) -> bool:
-    """timm's fused norm+act layers carry their activation and dropout as ``act`` and ``drop`` children."""
-    return isinstance(getattr(module, "act", None), nn.Module) and isinstance(getattr(module, "drop", None), nn.Module)
-
-
-@dataclass
-class _Source:
-    """What a target layer needs to know about the layer it replaces."""
-
-    name: str
-    module: nn.Module
-    kind: str
-    channels: int
-    eps: float
-    affine: bool
-    bias: bool
-    momentum: float | None
-    track_running_stats: bool
-    bn_class: type[nn.Module] | None
-    groups: int | None
-
-    @classmethod
-    def read(cls, name: str, module: nn.Module, kind: str) -> "_Source":
-        bias = getattr(module, "bias", None) is not None
-        if kind in ("evonorm_s0", "frn"):  # timm's layers: always a weight and a bias, no statistics
-            return cls(name, module, kind, module.weight.shape[0], module.eps, True, True, 0.1, True, nn.BatchNorm2d,
-                       getattr(module, "groups", None))
-        if kind == "gn":
-            return cls(name, module, kind, module.num_channels, module.eps, module.affine, bias, 0.1, True, None,
-                       module.num_groups)
-        if kind == "frozen_bn":  # a frozen layer always holds weight and bias buffers; the source may not have
-            return cls(name, module, kind, module.weight.shape[0], module.eps,
-                       getattr(module, "_source_affine", True), getattr(module, "_source_bias", True),
-                       getattr(module, "_source_momentum", 0.1), True, getattr(module, "_source_class", None), None)
-        if type(module) in _PLAIN_BN:
-            bn_class = type(module)
-        else:
-            bn_class = getattr(module, "_source_class", None)
-        return cls(name, module, kind, module.num_features, module.eps, module.affine, bias, module.momentum,
-                   module.track_running_stats, bn_class, None)
-
-    @property
-    def tensor(self) -> torch.Tensor | None:
-        """A tensor of the layer, to build the new one on the same device with the same dtype."""
-        for tensor in (*self.module.parameters(recurse=False), *self.module.buffers(recurse=False)):
-            if tensor.is_floating_point():
-                return tensor
-        return None
 
 
 @dataclass
@@ -175,7 +122,7 @@ class _Scope:
                     )
 
 
-def _is_target(source: _Source, norm: str, groups: int | None) -> bool:
+def _is_target(source: NormSource, norm: str, groups: int | None) -> bool:
     module = source.module
     if norm == "bn":
         return source.kind == "bn" and not isinstance(module, _SYNC_BN)
@@ -186,7 +133,7 @@ def _is_target(source: _Source, norm: str, groups: int | None) -> bool:
     return source.kind == norm and source.groups == groups
 
 
-def _feeds_features(previous: nn.Module | None, source: _Source) -> bool:
+def _feeds_features(previous: nn.Module | None, source: NormSource) -> bool:
     """Whether the layer normalizes ``(N, C)`` features, one value per channel: it follows an ``nn.Linear`` of its
     width (the MLP block Linear -> BatchNorm1d), so a GroupNorm there sees ``C / G`` values per group."""
     source_class = source.bn_class or type(source.module)
@@ -194,22 +141,23 @@ def _feeds_features(previous: nn.Module | None, source: _Source) -> bool:
             and not issubclass(source_class, (nn.BatchNorm2d, nn.BatchNorm3d)))
 
 
-def _target_groups(source: _Source, spec: NormSpec, features: bool) -> int | None:
+def _target_groups(source: NormSource, spec: NormSpec, features: bool) -> int | None:
     return entry_groups(REGISTRY[spec.target], source.channels, spec.num_groups, spec.group_size, spec.strict,
                         source.name, policy=feature_groups if features else resolve_num_groups)
 
 
-def _why_unfit(source: _Source, norm: str) -> str | None:
-    """Why ``norm`` cannot replace this layer without changing what it is, or None."""
+def _why_unfit(source: NormSource, norm: str, features: bool) -> str | None:
+    """Why ``norm`` cannot replace this layer without changing what it is, or None. ``features``: the layer
+    normalizes ``(N, C)`` features (see :func:`_feeds_features`)."""
     entry = REGISTRY[norm]
     if norm == "frozen_bn" and getattr(source.module, "running_mean", None) is None:
         return "no running statistics to freeze"
     source_class = source.bn_class or type(source.module)
-    if entry.spatial_only and source.kind == "bn" and not issubclass(source_class, nn.BatchNorm2d):
+    if entry.spatial_only and (features or source.kind == "bn" and not issubclass(source_class, nn.BatchNorm2d)):
         return f"{norm} takes (N, C, H, W) input only"
     if entry.always_affine and not (source.affine and source.bias):
         return f"{norm} would add a learnt scale and shift"
-    if entry.always_affine and _has_act(source.module):
+    if entry.always_affine and has_act(source.module):
         return f"{norm} has no form that keeps a fused activation"
     return None
 
@@ -252,76 +200,10 @@ def _skip_warnings(norm: str, module: nn.Module, report: ConversionReport, stric
         report.warnings.append(message)
 
 
-def _build(source: _Source, norm: str, groups: int | None, eps: float | None, process_group: Any) -> nn.Module:
-    """The layer that replaces ``source``: same channels, device, dtype, mode, affine values, statistics."""
-    old = source.module
-    reference = source.tensor
-    factory = {"device": None if reference is None else reference.device,
-               "dtype": None if reference is None else reference.dtype}
-    eps = eps if eps is not None else source.eps
-    fused = _has_act(old)
-    layers = timm_layers("a fused norm+act layer") if fused else None
-    if norm == "bn":
-        if fused:
-            new = layers.BatchNormAct2d(source.channels, eps=eps, momentum=source.momentum, affine=source.affine,
-                                             track_running_stats=source.track_running_stats, apply_act=False,
-                                             **factory)
-        else:
-            new = create_norm("bn", source.channels, eps=eps, momentum=source.momentum, affine=source.affine,
-                              bias=source.bias, track_running_stats=source.track_running_stats,
-                              bn_class=source.bn_class or BatchNormXd, **factory)
-    elif norm == "syncbn":
-        cls = SyncBatchNormAct if fused else SyncBatchNorm
-        new = cls(source.channels, eps=eps, momentum=source.momentum, affine=source.affine,
-                  track_running_stats=source.track_running_stats, process_group=process_group, **factory,
-                  **({} if source.bias else {"bias": False}))
-        new._source_class = source.bn_class
-    elif norm == "frozen_bn":
-        if fused:
-            new = layers.FrozenBatchNormAct2d(source.channels, eps=eps, apply_act=False, **factory)
-        else:
-            new = FrozenBatchNorm2d(source.channels, eps=eps, **factory)
-        new._source_class = source.bn_class
-        new._source_momentum = source.momentum
-        new._source_affine, new._source_bias = source.affine, source.bias
-    elif fused and norm in ("gn", "ln", "in"):
-        new = layers.GroupNormAct(source.channels, num_groups=groups, eps=eps, affine=source.affine,
-                                       apply_act=False, **factory)
-    else:  # fused sources never get here (see _why_unfit)
-        new = REGISTRY[norm].build(source.channels, groups,
-                                   LayerOptions(eps=eps, affine=source.affine, bias=source.bias, **factory))
-    if fused:
-        new.act, new.drop = old.act, old.drop
-    _carry_state(old, new)
-    new.train(old.training)
-    return new
-
-
-_AFFINE = ("weight", "bias")
-_STATS = ("running_mean", "running_var", "num_batches_tracked")
-
-
-def _carry_state(old: nn.Module, new: nn.Module) -> None:
-    """Move affine values and running statistics from ``old`` to ``new``.
-
-    Trainable -> trainable hands over the Parameter objects themselves (keeping requires_grad and any optimizer
-    reference); frozen <-> trainable copies values between buffers and fresh Parameters."""
-    with torch.no_grad():
-        for name in _AFFINE:
-            value = getattr(old, name, None)
-            if value is None:
-                continue
-            if new._parameters.get(name) is not None:
-                if isinstance(value, nn.Parameter):
-                    setattr(new, name, value)
-                else:
-                    setattr(new, name, nn.Parameter(value.detach().clone().to(new._parameters[name])))
-            elif new._buffers.get(name) is not None:
-                new._buffers[name].copy_(value)
-        for name in _STATS:
-            value = getattr(old, name, None)
-            if isinstance(value, torch.Tensor) and new._buffers.get(name) is not None:
-                new._buffers[name] = value
+def _build(source: NormSource, norm: str, groups: int | None, eps: float | None, process_group: Any) -> nn.Module:
+    """The layer that replaces ``source``, built by its family (the registry's ``convert``): same channels, device,
+    dtype, mode, affine values, statistics and fused activation."""
+    return finish(source, REGISTRY[norm].convert(source, groups, source.eps if eps is None else eps, process_group))
 
 
 def _process_group(spec: NormSpec, process_group: Any) -> Any:
@@ -357,15 +239,15 @@ class _Plan:
 def _plan_norm(name: str, child: nn.Module, kind: str, previous: tuple[str, nn.Module] | None, spec: NormSpec,
                process_group: Any, scope: _Scope, plan: _Plan, report: ConversionReport) -> None:
     """Plan the replacement of one norm layer (or record why it stays)."""
-    source = _Source.read(name, child, kind)
-    reason = scope.why_not(name) or _why_unfit(source, spec.target)
+    source = NormSource.read(name, child, kind)
+    previous_name, previous_module = previous or ("", None)
+    features = _feeds_features(previous_module, source)
+    reason = scope.why_not(name) or _why_unfit(source, spec.target, features)
     if reason is not None:
         report.skipped.append((name, reason))
         return
-    previous_name, previous_module = previous or ("", None)
     if isinstance(previous_module, nn.Conv2d) and previous_module.out_channels == source.channels:
         plan.ws_candidates.append((previous_name, previous_module))
-    features = _feeds_features(previous_module, source)
     groups = _target_groups(source, spec, features)
     if _is_target(source, spec.target, groups):
         report.unchanged += 1
@@ -575,7 +457,7 @@ def describe_norms(module: nn.Module) -> NormTable:
         kind = norm_kind(child)
         if kind is None:
             continue
-        source = _Source.read(name, child, kind)
+        source = NormSource.read(name, child, kind)
         rows.append(NormRow(name, type(child).__name__, source.channels, source.groups, source.eps,
                             frozen=kind == "frozen_bn"))
     return rows

@@ -197,6 +197,22 @@ def test_timm_fused_norm_act_keeps_activation_and_dropout():
     assert {n for n, _ in model.bn1.named_children()} == {"act", "drop"}
 
 
+def test_convert_sync_batchnorm_keeps_a_fused_activation():
+    # torch.nn.SyncBatchNorm.convert_sync_batchnorm's parity method: a timm BatchNormAct2d is a BatchNorm2d, and
+    # becoming a plain SyncBatchNorm would drop its activation.
+    timm_layers = pytest.importorskip("timm.layers")
+    from gnlightning.layers import SyncBatchNormAct
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), timm_layers.BatchNormAct2d(8, act_layer=nn.ReLU)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    expected = model(x)
+    weight = model[1].weight
+    converted = SyncBatchNorm.convert_sync_batchnorm(model)
+    assert type(converted[1]) is SyncBatchNormAct and isinstance(converted[1].act, nn.ReLU)
+    assert converted[1].weight is weight and not converted[1].training
+    torch.testing.assert_close(converted(x), expected, rtol=0, atol=0)
+
+
 @pytest.mark.slow
 def test_convert_norms_does_not_import_lightning():
     code = ("import sys, torch, gnlightning; gnlightning.convert_norms(torch.nn.BatchNorm2d(4), 'gn'); "

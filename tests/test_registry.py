@@ -130,6 +130,16 @@ def test_unfit_layers_are_skipped_loudly_and_refused_with_strict() -> None:
     assert type(model[1]) is nn.BatchNorm1d
 
 
+@pytest.mark.parametrize("norm", ["evonorm_s0", "frn"])
+def test_a_groupnorm_on_features_is_skipped_at_conversion_not_at_the_first_forward(norm) -> None:
+    # An MLP's GroupNorm sees (N, C): timm's layers would assert at the first forward.
+    model = nn.Sequential(nn.Linear(4, 32), nn.GroupNorm(2, 32), nn.ReLU())
+    with pytest.warns(NormConversionWarning, match=rf"{norm} takes \(N, C, H, W\) input only\): '1' \(GroupNorm\)"):
+        converted = convert_norms(model, norm)
+    assert type(converted[1]) is nn.GroupNorm
+    converted(torch.randn(3, 4))
+
+
 def test_evonorm_groups_are_checked_at_the_first_forward(caplog) -> None:
     net = convert_norms(nn.Sequential(nn.Conv2d(3, 64, 1), nn.BatchNorm2d(64)), "evonorm_s0")
     with caplog.at_level("WARNING", logger="gnlightning"):

@@ -7,8 +7,16 @@ The map is per channel, so the same layer freezes BatchNorm1d (``(N, C)`` featur
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 import torchvision
+from torch import nn
+
+from gnlightning.layers.optional_timm import timm_layers
+
+if TYPE_CHECKING:
+    from gnlightning.layers.norm_source import NormSource
 
 __all__ = ["FrozenBatchNorm2d"]
 
@@ -31,13 +39,26 @@ class FrozenBatchNorm2d(torchvision.ops.FrozenBatchNorm2d):
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
-        # Filled by convert_norms so that reverting restores the exact original layer: its class and the
+        # Filled by from_source so that reverting restores the exact original layer: its class and the
         # constructor options that a frozen layer has no use for (a BatchNorm without affine, or without bias, must
         # come back without those parameters).
         self._source_class: type | None = None
         self._source_momentum: float | None = 0.1
         self._source_affine: bool = True
         self._source_bias: bool = True
+
+    @classmethod
+    def from_source(cls, source: NormSource, groups: int | None, eps: float, process_group: Any = None) -> nn.Module:
+        """The frozen layer that replaces ``source`` (timm's FrozenBatchNormAct2d for a fused norm+act source),
+        remembering the BatchNorm it froze for the way back."""
+        if source.fused:
+            layer = timm_layers("a fused norm+act layer").FrozenBatchNormAct2d(source.channels, eps=eps,
+                                                                              apply_act=False, **source.factory)
+        else:
+            layer = cls(source.channels, eps=eps, **source.factory)
+        layer._source_class, layer._source_momentum = source.bn_class, source.momentum
+        layer._source_affine, layer._source_bias = source.affine, source.bias
+        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 2:

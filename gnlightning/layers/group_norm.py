@@ -9,11 +9,18 @@ let strict users refuse instead.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
 
 from gnlightning.config_values import as_int
+from gnlightning.layers.optional_timm import timm_layers
+
+if TYPE_CHECKING:
+    from gnlightning.layers.norm_source import NormSource
 
 __all__ = ["resolve_num_groups", "divisors", "feature_groups", "degenerate_message", "GroupSizeCheck",
-           "MIN_VALUES_PER_GROUP", "FEATURE_GROUP_SIZE", "positive_int"]
+           "MIN_VALUES_PER_GROUP", "FEATURE_GROUP_SIZE", "positive_int", "group_norm_from"]
 
 log = logging.getLogger(__name__)
 
@@ -144,3 +151,13 @@ class GroupSizeCheck:
             if self.strict:
                 raise ValueError(message + " (raised because strict=True)")
             log.warning(message)
+
+
+def group_norm_from(source: NormSource, groups: int | None, eps: float, process_group: Any = None) -> nn.Module:
+    """The GroupNorm with ``groups`` groups (LN: 1, IN: one per channel) that replaces ``source``, with or without
+    its affine scale and shift as the source had them; timm's GroupNormAct for a fused norm+act source."""
+    if source.fused:
+        return timm_layers("a fused norm+act layer").GroupNormAct(source.channels, num_groups=groups, eps=eps,
+                                                                  affine=source.affine, apply_act=False,
+                                                                  **source.factory)
+    return nn.GroupNorm(groups, source.channels, eps=eps, affine=source.affine, **source.no_bias, **source.factory)

@@ -1,4 +1,5 @@
-"""The norms gnlightning knows, as one table: name -> layer class and how to build one (timm's create_norm idea).
+"""The norms gnlightning knows, as one table: name -> layer class, how to build one, and how to build one in place
+of an existing norm layer (timm's create_norm idea; each family's converter lives next to its layer class).
 
 Everything that needs to know "which norms exist" or "is this module a norm" reads this table: ``create_norm`` and
 ``get_norm_layer`` build from it, ``convert_norms`` plans with it, and the Lightning callbacks, the optimizer's
@@ -8,7 +9,6 @@ weight-decay split and the export checks ask :func:`norm_kind` / :func:`is_norm`
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -17,7 +17,11 @@ import torchvision
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from gnlightning.layers.batchnorm_xd import batchnorm_from
 from gnlightning.layers.frozen_bn import FrozenBatchNorm2d
+from gnlightning.layers.group_norm import group_norm_from
+from gnlightning.layers.norm_source import NormSource
+from gnlightning.layers.optional_timm import timm_layers
 from gnlightning.layers.sync_batchnorm import SyncBatchNorm
 
 __all__ = ["NormEntry", "LayerOptions", "REGISTRY", "NORMS", "norm_kind", "is_norm", "updates_running_stats",
@@ -62,31 +66,20 @@ class NormEntry:
     ``spatial_only``: the layer takes ``(N, C, H, W)`` input only (timm's EvoNorm / FRN), so 1-d and 3-d sources are
     skipped. ``always_affine``: it always learns a scale and shift, so a source without them cannot map onto it
     without gaining parameters. ``requires``: the extra that provides the layer class.
+    ``convert(source, groups, eps, process_group)``: the layer that replaces the norm layer ``source`` (a
+    :class:`NormSource`), before its parameters and statistics move in (``norm_source.finish``).
     """
 
     name: str
     build: Callable[[int, int | None, LayerOptions], nn.Module]
     layer: Callable[[], type[nn.Module]]
+    convert: Callable[[NormSource, int | None, float, Any], nn.Module]
     aliases: tuple[str, ...] = ()
     groups: str | None = None
     batch_dependent: bool = False
     spatial_only: bool = False
     always_affine: bool = False
     requires: str | None = None
-
-
-def timm_layers(required_by: str | None = None):
-    """timm's layers module. With ``required_by``, imports it (or says which extra to install); without, returns it
-    only if timm is already imported (a model holding timm layers has imported it), else None: recognising layers
-    must not import timm, which is slow and optional."""
-    if required_by is None and "timm" not in sys.modules:
-        return None
-    try:
-        import timm.layers
-    except ImportError as error:
-        raise ImportError(f"norm {required_by!r} uses timm's layer; install it with pip install 'gnlightning[timm]'"
-                          ) from error
-    return timm.layers
 
 
 def _group_norm(num_channels: int, groups: int | None, options: LayerOptions) -> nn.Module:
@@ -102,22 +95,29 @@ def _frn(num_channels: int, groups: int | None, options: LayerOptions) -> nn.Mod
     return timm_layers("frn").FilterResponseNormTlu2d(num_channels, eps=options.eps, **options.factory)
 
 
+def _timm_from(build: Callable[[int, int | None, LayerOptions], nn.Module]):
+    """timm's EvoNorm / FRN in place of a norm layer: only channels, groups, eps, device and dtype carry over (the
+    planner skips sources these layers cannot stand in for)."""
+    return lambda source, groups, eps, process_group=None: build(source.channels, groups,
+                                                                 LayerOptions(eps=eps, **source.factory))
+
+
 _GN = lambda: nn.GroupNorm  # noqa: E731  (the table's layer classes are looked up lazily, timm's need an import)
 
 REGISTRY: dict[str, NormEntry] = {entry.name: entry for entry in (
-    NormEntry("bn", lambda c, g, o: o.bn_class(c, **o.batch_norm), lambda: _BatchNorm, ("batchnorm",),
-              batch_dependent=True),
+    NormEntry("bn", lambda c, g, o: o.bn_class(c, **o.batch_norm), lambda: _BatchNorm, batchnorm_from,
+              ("batchnorm",), batch_dependent=True),
     NormEntry("syncbn", lambda c, g, o: SyncBatchNorm(c, **o.batch_norm, process_group=o.process_group),
-              lambda: SyncBatchNorm, ("syncbatchnorm",), batch_dependent=True),
-    NormEntry("gn", _group_norm, _GN, ("groupnorm",), groups="policy"),
-    NormEntry("gn_ws", _group_norm, _GN, ("gnws", "groupnormws"), groups="policy"),
+              lambda: SyncBatchNorm, SyncBatchNorm.from_source, ("syncbatchnorm",), batch_dependent=True),
+    NormEntry("gn", _group_norm, _GN, group_norm_from, ("groupnorm",), groups="policy"),
+    NormEntry("gn_ws", _group_norm, _GN, group_norm_from, ("gnws", "groupnormws"), groups="policy"),
     NormEntry("frozen_bn", lambda c, g, o: FrozenBatchNorm2d(c, eps=o.eps, **o.factory), lambda: FrozenBatchNorm2d,
-              ("frozenbn", "frozenbatchnorm")),
-    NormEntry("ln", _group_norm, _GN, ("layernorm",), groups="one"),
-    NormEntry("in", _group_norm, _GN, ("instancenorm",), groups="each"),
-    NormEntry("evonorm_s0", _evonorm_s0, lambda: timm_layers("evonorm_s0").EvoNorm2dS0, ("evonorms0", "evonorm"),
-              groups="policy", spatial_only=True, always_affine=True, requires="timm"),
-    NormEntry("frn", _frn, lambda: timm_layers("frn").FilterResponseNormTlu2d,
+              FrozenBatchNorm2d.from_source, ("frozenbn", "frozenbatchnorm")),
+    NormEntry("ln", _group_norm, _GN, group_norm_from, ("layernorm",), groups="one"),
+    NormEntry("in", _group_norm, _GN, group_norm_from, ("instancenorm",), groups="each"),
+    NormEntry("evonorm_s0", _evonorm_s0, lambda: timm_layers("evonorm_s0").EvoNorm2dS0, _timm_from(_evonorm_s0),
+              ("evonorms0", "evonorm"), groups="policy", spatial_only=True, always_affine=True, requires="timm"),
+    NormEntry("frn", _frn, lambda: timm_layers("frn").FilterResponseNormTlu2d, _timm_from(_frn),
               ("filterresponsenorm", "frntlu"), spatial_only=True, always_affine=True, requires="timm"),
 )}
 

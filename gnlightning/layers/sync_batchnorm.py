@@ -27,13 +27,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from gnlightning.distributed import all_reduce_sum, group_world_size
+from gnlightning.layers.norm_source import NormSource, finish
 
-__all__ = ["SyncBatchNorm"]
+__all__ = ["SyncBatchNorm", "SyncBatchNormAct"]
 
 # Device types with a fused kernel returning per-channel (mean, biased var) in one pass over the input; elsewhere the
 # generic var_mean reduction is used.
@@ -348,7 +349,7 @@ class SyncBatchNorm(_BatchNorm):
             num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, **bias_kwargs
         )
         self.process_group = process_group
-        # The norm class this layer replaced, set by gnlightning.convert so that revert_sync_batchnorm can restore
+        # The norm class this layer replaced, set by from_source so that revert_sync_batchnorm can restore
         # BatchNorm1d/2d/3d faithfully. A plain attribute: not part of the state dict, so checkpoints stay
         # interchangeable with torch's SyncBatchNorm.
         self._source_class: type[torch.nn.Module] | None = None
@@ -394,19 +395,23 @@ class SyncBatchNorm(_BatchNorm):
         return super().forward(input)
 
     @classmethod
+    def from_source(cls, source: NormSource, groups: int | None, eps: float,
+                    process_group: Any | None = None) -> "SyncBatchNorm":
+        """The SyncBatchNorm that replaces ``source`` (SyncBatchNormAct for timm's fused norm+act layers), with or
+        without its affine parameters and statistics as the source had them; its BatchNorm class is remembered for
+        the way back."""
+        layer_class = SyncBatchNormAct if source.fused else cls
+        layer = layer_class(source.channels, eps, source.momentum, source.affine, source.track_running_stats,
+                            process_group, **source.factory, **source.no_bias)
+        layer._source_class = source.bn_class
+        return layer
+
+    @classmethod
     def from_batchnorm(cls, bn: _BatchNorm, process_group: Any | None = None) -> "SyncBatchNorm":
         """This layer in place of ``bn``, holding ``bn``'s own parameters and buffers (nothing is copied, so an
         optimizer built before keeps working), in ``bn``'s mode; ``bn``'s class is remembered for the way back."""
-        layer = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, process_group,
-                    device=torch.device("meta"), **({} if bn.bias is not None or not bn.affine else {"bias": False}))
-        for name in ("weight", "bias"):
-            if name in layer._parameters:
-                layer._parameters[name] = bn._parameters[name]
-        for name in ("running_mean", "running_var", "num_batches_tracked"):
-            if name in layer._buffers:
-                layer._buffers[name] = bn._buffers[name]
-        layer._source_class = type(bn)
-        return layer.train(bn.training)
+        source = NormSource.read("", bn, "bn")
+        return finish(source, cls.from_source(source, None, bn.eps, process_group))
 
     @classmethod
     def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group: Any | None = None) -> torch.nn.Module:
@@ -418,3 +423,18 @@ class SyncBatchNorm(_BatchNorm):
         for name, child in module.named_children():
             module.add_module(name, cls.convert_sync_batchnorm(child, process_group))
         return module
+
+
+class SyncBatchNormAct(SyncBatchNorm):
+    """SyncBatchNorm -> drop -> act, for timm models built from norm+act layers, with timm's ``act`` / ``drop``
+    attribute names (so weights and the activation carried over from a timm ``BatchNormAct2d`` keep their names).
+
+    timm's own ``SyncBatchNormAct`` subclasses ``torch.nn.SyncBatchNorm`` and so inherits its CPU refusal."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.drop: nn.Module = nn.Identity()
+        self.act: nn.Module = nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.drop(super().forward(x)))
