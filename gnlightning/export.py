@@ -7,12 +7,12 @@ import logging
 
 import torch
 import torch.fx
-import torchvision
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from gnlightning.convert import revert_sync_batchnorm
+from gnlightning.layers.norm_source import has_act
+from gnlightning.layers.registry import norm_kind
 from gnlightning.layers.ws_conv import WSConv2d
 
 __all__ = ["prepare_for_export"]
@@ -33,12 +33,16 @@ def _fold_ws(model: nn.Module) -> nn.Module:
 
 
 def _statistics(norm: nn.Module) -> tuple[torch.Tensor, ...] | None:
-    """(running_mean, running_var, eps, weight, bias) of an eval-mode BN or a FrozenBatchNorm2d, else None."""
-    if isinstance(norm, _BatchNorm) and norm.running_mean is not None and not norm.training:
+    """(running_mean, running_var, eps, weight, bias) of an eval-mode BN or a frozen BN, else None. timm's fused
+    norm+act layers are BatchNorm subclasses whose activation would be lost with the layer: never folded."""
+    kind = norm_kind(norm)
+    if kind is None or has_act(norm):
+        return None
+    if kind == "bn" and norm.running_mean is not None and not norm.training:
         weight = norm.weight if norm.affine else torch.ones_like(norm.running_mean)
         bias = norm.bias if norm.affine else torch.zeros_like(norm.running_mean)
         return norm.running_mean, norm.running_var, norm.eps, weight, bias
-    if isinstance(norm, torchvision.ops.FrozenBatchNorm2d):
+    if kind == "frozen_bn":
         return norm.running_mean, norm.running_var, norm.eps, norm.weight, norm.bias
     return None
 

@@ -34,6 +34,21 @@ def test_export_form_equals_eval_model(norm):
     torch.jit.trace(exported, x, strict=False)
 
 
+@pytest.mark.parametrize("norm", ["bn", "frozen_bn"])
+def test_fused_norm_act_layers_are_not_folded_away_with_their_activation(norm):
+    # timm's BatchNormAct2d is a BatchNorm2d subclass: folded into the conv before it, its ReLU went with it.
+    timm_layers = pytest.importorskip("timm.layers")
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), timm_layers.BatchNormAct2d(8, act_layer=nn.ReLU))
+    randomized_statistics(model)
+    model = convert_norms(model, norm).eval()
+    exported = prepare_for_export(model)
+    assert isinstance(exported[1].act, nn.ReLU)
+    x = torch.randn(2, 3, 8, 8)
+    reference = model(x)
+    assert (reference == 0).any()  # the activation matters on this input
+    torch.testing.assert_close(exported(x), reference)
+
+
 def test_untraceable_detection_model_keeps_its_norms_and_matches():
     torch.manual_seed(0)
     model = randomized_statistics(torchvision.models.detection.fasterrcnn_resnet50_fpn(

@@ -12,7 +12,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from gnlightning.config_values import as_int
 from gnlightning.distributed import group_world_size
-from gnlightning.layers.registry import is_norm
+from gnlightning.layers.registry import is_norm, norm_kind
 from gnlightning.layers.sync_batchnorm import SyncBatchNorm
 from gnlightning.lightning.compat import bases
 
@@ -52,7 +52,7 @@ def synchronised_ranks(layer: nn.Module) -> int:
 
 def _training_bn(module: nn.Module) -> list[tuple[str, _BatchNorm]]:
     """BatchNorm layers that normalise by batch statistics during fit (the ones a small batch hurts)."""
-    return [(name, m) for name, m in module.named_modules() if isinstance(m, _BatchNorm) and m.training]
+    return [(name, m) for name, m in module.named_modules() if norm_kind(m) == "bn" and m.training]
 
 
 def _has_conv2d(module: nn.Module) -> bool:
@@ -153,7 +153,7 @@ def health(module: nn.Module) -> dict[str, float]:
     """The figures NormAdvisor logs (see the class docstring)."""
     variances, gammas = [], []
     for m in module.modules():
-        if isinstance(m, _BatchNorm) and m.running_var is not None:
+        if norm_kind(m) == "bn" and m.running_var is not None:
             variances.append(m.running_var.float().clamp_min(1e-12).log())
         weight = getattr(m, "weight", None)
         if is_norm(m) and isinstance(weight, torch.Tensor):
