@@ -47,7 +47,9 @@ def test_normswap_under_ddp_trains_checkpoints_and_resumes(strategy, norm, names
         assert sum(losses[-8:]) / 8 < 0.85 * sum(losses[:8]) / 8  # the last epoch beats the first
         assert first["global_step"] == 16 and resumed["global_step"] == 24  # resumed at epoch 2, not from zero
         assert sum(resumed["losses"]) / 8 < sum(losses[:8]) / 8
+    hook = Classifier.on_load_checkpoint
     model = load_converted(Classifier, str(tmp_path / "last.ckpt"))
+    assert type(model) is Classifier and Classifier.on_load_checkpoint is hook  # the user's class is untouched
     expected_net = {"gn_ws": ["WSConv2d", "GroupNorm"], "syncbn": ["Conv2d", "SyncBatchNorm"]}[norm]
     assert [type(m).__name__ for m in model.net][:2] == expected_net
     checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=False)

@@ -206,18 +206,19 @@ def load_converted(module_class: type, checkpoint_path: str | os.PathLike, **kwa
 
     It is Lightning's own ``MyModule.load_from_checkpoint`` with every keyword passed on (``map_location``,
     ``strict``, ``weights_only`` ...; a trusted checkpoint with pickled hyper-parameters needs
-    ``weights_only=False``), with the recorded conversions applied right before the weights are loaded (Lightning
-    calls ``on_load_checkpoint`` after building the module and running ``configure_model``)."""
+    ``weights_only=False``), with the recorded conversions applied right before the weights are loaded: Lightning
+    calls ``on_load_checkpoint`` after building the module and running ``configure_model``. The hook goes on a
+    throw-away subclass, and the loaded model gets ``module_class`` back, so the user's class is never modified.
+    """
     targets = read_specs(checkpoint_path, kwargs.get("weights_only"))
-    original = module_class.on_load_checkpoint
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         for path, spec in targets:
             apply_spec(self, spec, path)
-        original(self, checkpoint)
+        module_class.on_load_checkpoint(self, checkpoint)
 
-    module_class.on_load_checkpoint = on_load_checkpoint
-    try:
-        return module_class.load_from_checkpoint(checkpoint_path, **kwargs)
-    finally:
-        module_class.on_load_checkpoint = original
+    names = {"__module__": module_class.__module__, "__qualname__": module_class.__qualname__}
+    converting = type(module_class.__name__, (module_class,), {**names, "on_load_checkpoint": on_load_checkpoint})
+    model = converting.load_from_checkpoint(checkpoint_path, **kwargs)
+    model.__class__ = module_class  # the subclass added a hook, no state
+    return model
