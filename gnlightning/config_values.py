@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import operator
 
-__all__ = ["as_int"]
+__all__ = ["as_int", "divisors"]
 
 
 def as_int(value: object) -> int | None:
@@ -26,3 +26,9 @@ def as_int(value: object) -> int | None:
         return operator.index(value)  # type: ignore[arg-type]
     except TypeError:
         return None
+
+
+def divisors(n: int) -> list[int]:
+    """The sizes that divide ``n`` evenly: the valid choices error messages list for group counts, channels per
+    group and ranks per SyncBN group."""
+    return [d for d in range(1, n + 1) if n % d == 0]

@@ -334,8 +334,7 @@ def _apply(module: nn.Module, plan: _Plan, process_group: Any) -> nn.Module:
         if name == "":
             module = new
             continue
-        parent_name, _, attr = name.rpartition(".")
-        setattr(module.get_submodule(parent_name), attr, new)
+        module.set_submodule(name, new)
     return module
 
 

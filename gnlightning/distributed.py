@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from gnlightning.config_values import as_int
+from gnlightning.config_values import as_int, divisors
 from gnlightning.host_all_reduce import MAX_BYTES, HostAllReduce
 
 __all__ = [
@@ -184,7 +184,7 @@ def new_consecutive_groups(sync_group_size: int) -> ProcessGroup | None:
         ValueError: if ``sync_group_size`` is not a positive divisor of the world size.
     """
     world_size = group_world_size()
-    valid = [size for size in range(1, world_size + 1) if world_size % size == 0]
+    valid = divisors(world_size)
     size = as_int(sync_group_size)
     if size not in valid:
         where = "" if is_distributed() else " (torch.distributed is not initialized, so the world is this process)"

@@ -23,10 +23,9 @@ log = logging.getLogger("gnlightning")
 def _fold_ws(model: nn.Module) -> nn.Module:
     for name, module in list(model.named_modules()):
         if isinstance(module, WSConv2d):
-            parent, _, attr = name.rpartition(".")
             folded = module.to_conv2d()
             if name:
-                setattr(model.get_submodule(parent), attr, folded)
+                model.set_submodule(name, folded)
             else:
                 model = folded
     return model
@@ -82,8 +81,7 @@ def _fold_bn(model: nn.Module) -> tuple[nn.Module, int]:
             continue
         mean, var, eps, weight, bias = stats
         conv.weight, conv.bias = fuse_conv_bn_weights(conv.weight, conv.bias, mean, var, eps, weight, bias)
-        parent, _, attr = node.target.rpartition(".")
-        setattr(model.get_submodule(parent), attr, nn.Identity())
+        model.set_submodule(node.target, nn.Identity())
         folded += 1
     return model, folded
 

@@ -21,6 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from gnlightning.config_values import divisors
 from gnlightning.lightning.checkpoint_io import AtomicCheckpointIO
 from gnlightning.lightning.precise_bn import PreciseBN
 from gnlightning.models import build_model, task_of
@@ -77,7 +78,7 @@ def check_config(cfg: DictConfig) -> None:
         processes = world_size(cfg.trainer)
         sync_group_size = cfg.norm.get("sync_group_size")
         if cfg.norm.name == "syncbn" and sync_group_size and processes % sync_group_size:
-            valid = [size for size in range(1, processes + 1) if processes % size == 0]
+            valid = divisors(processes)
             raise ValueError(f"norm.sync_group_size={sync_group_size} must divide the number of processes, "
                              f"{processes} (trainer.devices x trainer.num_nodes); valid choices: {valid}")
         from lightning.fabric.plugins.environments import TorchElasticEnvironment

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from gnlightning.config_values import as_int
+from gnlightning.config_values import as_int, divisors
 from gnlightning.layers.optional_timm import timm_layers
 
 if TYPE_CHECKING:
@@ -30,10 +30,6 @@ MIN_VALUES_PER_GROUP = 8
 #: Channels per group for ``(N, C)`` features, where each channel is one value: the GN paper's other default
 #: spelling (16 channels per group) instead of 32 groups, which would leave 2 values per group at width 64.
 FEATURE_GROUP_SIZE = 16
-
-
-def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def resolve_num_groups(

@@ -16,10 +16,11 @@ from torch import nn
 
 from gnlightning.layers.batchnorm_xd import PLAIN_BN
 
-__all__ = ["NormSource", "finish", "carry_state", "has_act"]
+__all__ = ["NormSource", "finish", "carry_state", "has_act", "STATS"]
 
 _AFFINE = ("weight", "bias")
-_STATS = ("running_mean", "running_var", "num_batches_tracked")
+#: A BatchNorm's running statistics (buffers).
+STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def has_act(module: nn.Module) -> bool:
@@ -108,7 +109,7 @@ def carry_state(old: nn.Module, new: nn.Module) -> None:
                     setattr(new, name, nn.Parameter(value.detach().clone().to(new._parameters[name])))
             elif new._buffers.get(name) is not None:
                 new._buffers[name].copy_(value)
-        for name in _STATS:
+        for name in STATS:
             value = getattr(old, name, None)
             if isinstance(value, torch.Tensor) and new._buffers.get(name) is not None:
                 new._buffers[name] = value

@@ -172,8 +172,7 @@ def apply_spec(root: nn.Module, spec: NormSpec, path: str | None = None) -> Conv
         ) from error
     converted, report = convert_with_report(target, spec)
     if converted is not target:  # the submodule itself was a norm layer
-        parent, _, name = path.rpartition(".")
-        setattr(root.get_submodule(parent), name, converted)
+        root.set_submodule(path, converted)
     return report
 
 

@@ -20,14 +20,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from gnlightning.config_values import as_int
 from gnlightning.distributed import all_reduce_sum, group_world_size
+from gnlightning.layers.norm_source import STATS
 from gnlightning.layers.registry import updates_running_stats
 from gnlightning.lightning.compat import bases
 
 __all__ = ["PreciseBN", "overrides_forward", "update_bn_stats"]
 
 log = logging.getLogger("gnlightning")
-
-_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def default_forward(module: nn.Module, batch: Any) -> Any:
@@ -56,7 +55,7 @@ def update_bn_stats(
     if not bn_layers:
         return 0
     modes = [(m, m.training) for m in model.modules()]
-    saved = [(bn, bn.momentum, {k: v.clone() for k, v in bn.state_dict().items() if k in _STATS}) for bn in bn_layers]
+    saved = [(bn, bn.momentum, {k: v.clone() for k, v in bn.state_dict().items() if k in STATS}) for bn in bn_layers]
     used, completed = 0, False
     try:
         model.eval()
