@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from typing_extensions import override
 
 from gnlightning.convert import convert_with_report, revert_sync_batchnorm
 from gnlightning.lightning.compat import bases
@@ -40,10 +41,12 @@ class SyncBatchNormPlugin(*bases("plugins.layer_sync.TorchSyncBatchNorm")):
     def sync_group_size(self) -> int | None:
         return self.spec.sync_group_size
 
+    @override
     def apply(self, model: nn.Module) -> nn.Module:
         converted, _ = convert_with_report(model, self.spec, only=(_BatchNorm,))
         return converted
 
+    @override
     def revert(self, model: nn.Module) -> nn.Module:
         return revert_sync_batchnorm(model)
 

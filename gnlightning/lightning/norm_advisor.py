@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from typing_extensions import override
 
 from gnlightning.config_values import as_int
 from gnlightning.distributed import group_world_size
 from gnlightning.layers.registry import is_norm, norm_kind
 from gnlightning.layers.sync_batchnorm import SyncBatchNorm
 from gnlightning.lightning.compat import bases
+
+if TYPE_CHECKING:  # either Lightning namespace's classes at run time (see compat)
+    import lightning.pytorch as pl
 
 __all__ = ["NormAdvisor", "per_device_batch_size", "synchronised_ranks"]
 
@@ -95,7 +99,8 @@ class NormAdvisor(*bases("callbacks.Callback")):
         self.log_health = log_health
         self._warned = False
 
-    def on_train_start(self, trainer, pl_module) -> None:  # the train dataloader exists from here on
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:  # the train dataloader exists from here on
         if self._warned:
             return
         layers = _training_bn(pl_module)
@@ -139,7 +144,8 @@ class NormAdvisor(*bases("callbacks.Callback")):
         return (f"NormAdvisor: {'; '.join(findings)} (fewer than min_batch={self.min_batch}); their batch statistics "
                 "are noisy and eval accuracy suffers. Fixes: " + "; ".join(fixes))
 
-    def on_validation_end(self, trainer, pl_module) -> None:
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.log_health or trainer.sanity_checking or not trainer.loggers:
             return
         figures = health(pl_module)

@@ -5,15 +5,19 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import torch
 from torch import nn
+from typing_extensions import override
 
 from gnlightning.convert import ConversionReport, convert_with_report
 from gnlightning.lightning.compat import bases
 from gnlightning.norm_spec import NormSpec
+
+if TYPE_CHECKING:  # either Lightning namespace's classes at run time (see compat)
+    import lightning.pytorch as pl
 
 __all__ = ["NormSwap", "load_converted", "read_specs", "CHECKPOINT_KEY"]
 
@@ -85,7 +89,8 @@ class NormSwap(*bases("callbacks.Callback")):
         return [(f" on {module}" if module else "", apply_spec(pl_module, spec, module))
                 for module, spec in self.targets]
 
-    def setup(self, trainer, pl_module, stage: str) -> None:
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         original = pl_module.configure_model
 
         def configure_model() -> None:
@@ -122,10 +127,13 @@ class NormSwap(*bases("callbacks.Callback")):
                 self._announced.add(message)
                 log.log(level, message)
 
-    def teardown(self, trainer, pl_module, stage: str) -> None:
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         pl_module.__dict__.pop("configure_model", None)
 
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+    @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
         records = checkpoint.setdefault(CHECKPOINT_KEY, [])
         records.extend(record for record in map(_record, self.targets) if record not in records)
 

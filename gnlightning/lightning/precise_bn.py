@@ -12,17 +12,21 @@ import contextlib
 import inspect
 import itertools
 import logging
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from typing_extensions import override
 
 from gnlightning.config_values import as_int
 from gnlightning.distributed import all_reduce_sum, group_world_size
 from gnlightning.layers.norm_source import STATS
 from gnlightning.layers.registry import updates_running_stats
 from gnlightning.lightning.compat import bases
+
+if TYPE_CHECKING:  # either Lightning namespace's classes at run time (see compat)
+    import lightning.pytorch as pl
 
 __all__ = ["PreciseBN", "overrides_forward", "update_bn_stats"]
 
@@ -195,16 +199,20 @@ class PreciseBN(*bases("callbacks.Callback")):
         self.last_epoch = -1
         self._bn_layers: list[_BatchNorm] = []
 
-    def setup(self, trainer, pl_module, stage: str) -> None:
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self.forward is None and not overrides_forward(pl_module):
             _check_replayable(pl_module)
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
         # The BN layers that train are only known while training: by on_validation_start Lightning has put the
         # whole model in eval mode. One list comprehension per step is noise next to a forward pass.
         self._bn_layers = [m for m in pl_module.modules() if updates_running_stats(m)]
 
-    def on_validation_start(self, trainer, pl_module) -> None:
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
         if (trainer.sanity_checking or trainer.state.fn != "fit" or epoch == self.last_epoch
                 or (epoch + 1) % self.every_n_epochs):
