@@ -270,10 +270,24 @@ def test_norm_swap_gn_ws_converts_the_host_cnn(apps):
      lambda m: layer_types(m)[:5] == ["Conv2d", "BatchNorm2d", "ReLU", "Conv2d", "FrozenBatchNorm2d"]),
     (["+norm_swap=ln"], lambda m: [m.net[i].num_groups for i in (1, 4)] == [1, 1]),
     (["+norm_swap=in"], lambda m: [m.net[i].num_groups for i in (1, 4)] == [16, 16]),
+    (["+norm_swap=evonorm_s0", "callbacks.norm_swap.num_groups=4"],
+     lambda m: layer_types(m)[:5] == ["Conv2d", "EvoNorm2dS0", "ReLU", "Conv2d", "EvoNorm2dS0"]
+     and [m.net[i].groups for i in (1, 4)] == [4, 4]),
+    (["+norm_swap=frn", "callbacks.norm_swap.eps=0.001"],
+     lambda m: layer_types(m)[:5] == ["Conv2d", "FilterResponseNormTlu2d", "ReLU", "Conv2d",
+                                      "FilterResponseNormTlu2d"] and m.net[1].eps == 0.001),
 ], ids=lambda value: " ".join(value[1:]) if isinstance(value, list) else "")
 def test_every_norm_swap_option_reaches_the_conversion(apps, overrides, check):
     model, _ = swapped_model(apps, overrides)
     assert check(model), layer_types(model)
+
+
+def test_norm_swap_sync_group_size_reaches_the_conversion(apps):
+    # Ranks exist only inside a DDP process: outside one, the option is refused by name (DDP runs test the groups).
+    with pytest.raises(ValueError, match=r"syncbn with sync_group_size=2 needs an initialised torch.distributed"):
+        swapped_model(apps, ["+norm_swap=syncbn", "callbacks.norm_swap.sync_group_size=2"])
+    with pytest.raises(InstantiationException, match=r"group_size is channels per group.*sync_group_size=2"):
+        swapped_model(apps, ["+norm_swap=syncbn", "callbacks.norm_swap.group_size=2"])  # when NormSwap is built
 
 
 def test_norm_swap_strict_refuses_groups_that_do_not_divide(apps):
