@@ -36,8 +36,11 @@ class NormSwap(*bases("callbacks.Callback")):
 
     When: the conversion must come after every place users build layers (``__init__``, ``setup``,
     ``configure_model``) and before the checkpoint is restored, DDP wraps the model and ``configure_optimizers`` runs.
-    Lightning has no callback hook there, so ``setup`` wraps this LightningModule instance's ``configure_model``
-    (which Lightning calls right after every ``setup``) to convert after it; ``teardown`` removes the wrapper.
+    Lightning (up to 2.6) has no callback hook there, so ``setup`` wraps this LightningModule instance's
+    ``configure_model`` (which Lightning calls right after every ``setup``) to convert after it; ``teardown`` removes
+    the wrapper. Calling ``configure_model`` from ``setup`` instead would rely on every user's hook being idempotent
+    and would run it outside the strategy's init contexts. Lightning PR #21272 proposes the missing hook
+    (``Callback.on_before_optimizer_setup``); once a release has it, the conversion belongs there.
     Converting is idempotent: fit then test, or a second fit, changes nothing the second time.
 
     What it did is logged once, on rank 0: the summary, every layer left unconverted or normalizing too few values
