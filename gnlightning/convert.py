@@ -234,6 +234,37 @@ class _Plan:
     resync: list[SyncBatchNorm] = field(default_factory=list)
     ws_candidates: list[tuple[str, nn.Module]] = field(default_factory=list)
     norm_names: list[str] = field(default_factory=list)  # every norm layer of the model, in scope or not
+    # (layer name, parameters the new layer adds, parameters it drops): FRN's tau, EvoNorm's v
+    parameter_changes: list[tuple[str, list[str], list[str]]] = field(default_factory=list)
+
+
+def _parameter_change(old: nn.Module, new: nn.Module) -> tuple[list[str], list[str]]:
+    """Parameters of ``new`` that ``old`` has in no form, and those of ``old`` that ``new`` drops. A frozen layer's
+    buffers count as its parameters' form, so bn <-> frozen_bn changes nothing here."""
+    def names(module: nn.Module, kind: str) -> set[str]:
+        return {name for name, _ in getattr(module, kind)(recurse=False)}
+
+    added = names(new, "named_parameters") - names(old, "named_parameters") - names(old, "named_buffers")
+    dropped = names(old, "named_parameters") - names(new, "named_parameters") - names(new, "named_buffers")
+    return sorted(added), sorted(dropped)
+
+
+def _parameter_warnings(norm: str, plan: _Plan, report: ConversionReport) -> None:
+    """One warning if the new layers add parameters (FRN's learnt threshold, EvoNorm's v) and one if they drop
+    some, naming the layers and what to do. Not raised under ``strict``: the parameters belong to the norm asked
+    for, and refusing them would refuse the norm."""
+    for index, (what, fix) in enumerate((
+            ("add parameters the old layers did not have", (
+                "they start from their defaults and are trained from scratch: build the optimizer after converting "
+                "(NormSwap converts before configure_optimizers) and load checkpoints written before the "
+                "conversion with strict=False")),
+            ("drop parameters the old layers had", (
+                "their learnt values are lost with the old layers; keep the old checkpoint if you need them")))):
+        layers = [f"{name!r} ({', '.join(('+', '-')[index] + p for p in change[index])})"
+                  for name, *change in plan.parameter_changes if change[index]]
+        if layers:
+            shown = ", ".join(layers[:5]) + (f" and {len(layers) - 5} more" if len(layers) > 5 else "")
+            report.warnings.append(f"convert_norms({norm!r}): {len(layers)} new layer(s) {what}: {shown}; {fix}")
 
 
 def _plan_norm(name: str, child: nn.Module, kind: str, previous: tuple[str, nn.Module] | None, spec: NormSpec,
@@ -267,6 +298,9 @@ def _plan_norm(name: str, child: nn.Module, kind: str, previous: tuple[str, nn.M
         # first forward (FRN normalizes each channel over H x W: on 1x1 maps it only keeps the sign)
         new.register_forward_pre_hook(GroupSizeCheck(name, spec.strict))
     plan.replacements[name] = new
+    added, dropped = _parameter_change(child, new)
+    if added or dropped:
+        plan.parameter_changes.append((name, added, dropped))
     report.converted[(type(child).__name__, type(new).__name__)] += 1
 
 
@@ -360,6 +394,7 @@ def convert_with_report(module: nn.Module, spec: NormSpec, process_group: Any = 
             f"convert_norms({spec.norm!r}): {type(module).__name__} has no BatchNorm, SyncBatchNorm, "
             "FrozenBatchNorm2d, GroupNorm, EvoNorm or FRN layer; returning it unchanged")
     _skip_warnings(spec.norm, module, report, spec.strict)
+    _parameter_warnings(spec.norm, plan, report)
     scope.warn_unused(plan.norm_names)
     return _apply(module, plan, process_group), report
 
@@ -384,7 +419,8 @@ def convert_norms(module: nn.Module, norm: str | NormSpec, *,
     FrozenBatchNorm2d, GroupNorm, and timm's fused norm+act layers (whose activation and dropout are kept).
     Affine values, running statistics, device, dtype, requires_grad, train/eval mode and module names are kept;
     no parameter is added or dropped (a BatchNorm without affine or bias gives a GroupNorm / SyncBatchNorm without
-    them, and a frozen layer remembers them for the way back).
+    them, and a frozen layer remembers them for the way back), except the parameters a norm has and BatchNorm has
+    not (EvoNorm-S0's ``v``, FRN's ``tau``), which come and go with a warning naming the layers.
 
     Loud, never silently wrong: layers left unconverted for a reason the user did not ask for (e.g. ``frozen_bn``
     on a layer without running statistics), include / exclude patterns that match nothing, and GroupNorms over too

@@ -3,7 +3,6 @@ FRN (timm's layers) arrive through it alone and are checked against hand-written
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import pytest
@@ -130,6 +129,16 @@ def test_unfit_layers_are_skipped_loudly_and_refused_with_strict() -> None:
     assert type(model[1]) is nn.BatchNorm1d
 
 
+@pytest.mark.parametrize("norm, extra", [("evonorm_s0", "v"), ("frn", "tau")])
+def test_the_parameters_a_new_norm_adds_are_named_with_the_fix(norm, extra) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.BatchNorm2d(16))
+    before = {name for name, _ in model.named_parameters()}
+    with pytest.warns(NormConversionWarning, match=rf"2 new layer\(s\) add parameters .*'1' \(\+{extra}\), "
+                                                   rf"'4' \(\+{extra}\).*build the optimizer after converting"):
+        converted = convert_norms(model, norm, num_groups=4, strict=True)  # not refused: they are the norm's own
+    assert {name for name, _ in converted.named_parameters()} - before == {f"1.{extra}", f"4.{extra}"}
+
+
 @pytest.mark.parametrize("norm", ["evonorm_s0", "frn"])
 def test_a_groupnorm_on_features_is_skipped_at_conversion_not_at_the_first_forward(norm) -> None:
     # An MLP's GroupNorm sees (N, C): timm's layers would assert at the first forward.
@@ -159,10 +168,13 @@ def test_round_trip_back_to_bn_keeps_the_affine_values_and_classes() -> None:
     with torch.no_grad():
         net[1].weight.uniform_(0.5, 1.5)
     weight = net[1].weight.detach().clone()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", NormConversionWarning)
+    with pytest.warns(NormConversionWarning) as caught:
         back = convert_norms(convert_norms(net, "evonorm_s0"), "bn")
     assert type(back[1]) is nn.BatchNorm2d and torch.equal(back[1].weight, weight)
+    # The only news: EvoNorm-S0's own parameter v, added on the way there and dropped on the way back.
+    assert [str(w.message).split(": ")[1] for w in caught] == [
+        "1 new layer(s) add parameters the old layers did not have", "1 new layer(s) drop parameters the old layers had"]
+    assert "'1' (+v)" in str(caught[0].message) and "'1' (-v)" in str(caught[1].message)
 
 
 def test_new_norms_take_no_weight_decay() -> None:
